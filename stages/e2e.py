@@ -1,0 +1,69 @@
+"""The E2E NLG Challenge data formats: the (mr, ref) CSV, MR parsing, grouping references by MR.
+
+The dataset (Novikova et al. 2017) ships CSVs with columns `mr` and `ref`, one row per human reference, several
+rows per meaning representation (MR). Scorers and our test set work on MRs in order of first appearance.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import re
+from pathlib import Path
+
+# One MR slot: `key[value]`. Values may contain spaces and punctuation but no brackets.
+_SLOT = re.compile(r"\s*([A-Za-z][A-Za-z ]*?)\[([^\[\]]*)\]\s*")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and line."""
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 file's text (BOM stripped, CRLF normalised); a clear error names a missing or non-UTF-8 file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e})") from None
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_e2e_csv(path: str | Path, require_ref: bool = True) -> list[tuple[str, str]]:
+    """(mr, ref) rows of an E2E CSV; header case-insensitive. `require_ref=False` accepts an MR-only file."""
+    path = Path(path)
+    reader = csv.reader(io.StringIO(read_text(path)))
+    header = [h.strip().lower() for h in next(reader, [])]
+    if "mr" not in header or (require_ref and "ref" not in header):
+        want = "'mr' and 'ref' columns" if require_ref else "an 'mr' column"
+        raise DataError(f"{path}: line 1: expected a header with {want}, got {header}")
+    i_mr, i_ref = header.index("mr"), header.index("ref") if "ref" in header else None
+    rows = []
+    for line_no, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{path}: line {line_no}: {len(row)} fields, header has {len(header)}")
+        rows.append((row[i_mr].strip(), row[i_ref].strip() if i_ref is not None else ""))
+    return rows
+
+
+def parse_mr(mr: str) -> list[tuple[str, str]]:
+    """`name[The Eagle], food[French]` -> [("name", "The Eagle"), ("food", "French")]; DataError if malformed."""
+    slots = []
+    for part in mr.split("],"):
+        part = part if part.endswith("]") else part + "]"
+        m = _SLOT.fullmatch(part)
+        if not m:
+            raise ValueError(f"malformed MR slot {part.strip()!r} in {mr!r} (expected key[value])")
+        slots.append((m.group(1).strip(), m.group(2).strip()))
+    return slots
+
+
+def group_by_mr(rows: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """[(mr, [ref, ...])] with one entry per distinct MR, in order of first appearance."""
+    groups: dict[str, list[str]] = {}
+    for mr, ref in rows:
+        groups.setdefault(mr, []).append(ref)
+    return list(groups.items())
