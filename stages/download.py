@@ -1,0 +1,254 @@
+"""DVC stage `download`: the E2E dataset and the pretrained base model, pinned and verified.
+
+    python -m stages.download --data-out data/raw --model-out models/pretrained
+
+Reads `data.source`, `model.name` and `model.revision` from ./params.yaml. Each source is either the pinned
+upstream (GitHub release / Hugging Face hub commit) or a local directory, so the pipeline also runs offline.
+Each output directory is built in a temp sibling and renamed into place only once complete and verified.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from stages.e2e import read_e2e_csv
+
+# The three CSVs are fetched one by one from raw.githubusercontent.com at the release tag rather than the release
+# zip: raw files are the git blobs byte for byte, so their git blob ids (below) pin the content exactly, whereas
+# GitHub builds archive zips on demand and their bytes are not guaranteed stable; it also skips unzipping.
+E2E_URL = "https://raw.githubusercontent.com/tuetschek/e2e-dataset/v1.0.0/{name}"
+# git blob ids (sha1 of b"blob <size>\0" + content) in tuetschek/e2e-dataset at commit ab0d967 (release v1.0.0).
+E2E_BLOB_IDS = {
+    "trainset.csv": "fa3a5e1124d2aa0d768881e38f8ee73e63d5880d",  # 42,061 rows
+    "devset.csv": "c45950a0771c769d787a33fdf56439cb890005d7",  # 4,672 rows
+    "testset_w_refs.csv": "86733864c96dc18cbaa5f18042356296ef679302",  # 4,693 rows, 630 MRs
+}
+# output name -> accepted source names (upstream name first; the short names let a sample ship as-is).
+DATA_FILES = {
+    "train.csv": ("trainset.csv", "train.csv"),
+    "dev.csv": ("devset.csv", "dev.csv"),
+    "test.csv": ("testset_w_refs.csv", "test.csv"),
+}
+# Only safetensors weights: a pickle checkpoint (pytorch_model.bin) can run code when loaded.
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+# A second, hub-independent pin of the weights for the default model: from a public manifest of
+# openai-community/gpt2-medium at this commit (ALLPROTO/core-lm-cross-model-lab models.json, 1,519,984,962 bytes)
+# whose config.json and tokenizer.json hashes match our copies in ../shared/gpt2. Not yet checked against the hub.
+KNOWN_MODEL_SHA256 = {
+    ("openai-community/gpt2-medium", "6dcaa7a952f72f9298047fd5137cd6e4f05f41da"):
+        "fc5a354a19255ad494f3d71549390baca1ccf61d1d822b9408971705c687c9cd",
+}
+HF_ENDPOINT: str | None = None  # None: the hub client's default (honours the HF_ENDPOINT environment variable)
+TIMEOUT_S = 30  # per connection attempt / read; an unreachable host fails fast instead of hanging the pipeline
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+DATA_HELP = "set data.source in params.yaml to a local directory holding trainset.csv, devset.csv and testset_w_refs.csv"
+MODEL_HELP = ("set model.name in params.yaml to a local directory holding config.json, model.safetensors and "
+              "tokenizer.json")
+
+
+class DownloadError(RuntimeError):
+    """A source is unreachable, missing or fails verification; the message names the parameter or file."""
+
+
+def log(msg: str) -> None:
+    print(f"download: {msg}", file=sys.stderr, flush=True)
+
+
+def git_blob_id(data: bytes) -> str:
+    """The id git gives a file's content: stable across clones, archives and GitHub's raw endpoint."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_params(path: Path) -> dict:
+    """The three parameters, validated before any work so a typo fails in a second, not after a 1.5 GB download."""
+    params = yaml.safe_load(Path(path).read_text()) or {}
+    source = str(params.get("data", {}).get("source", ""))
+    if source != "github" and not Path(source).is_dir():
+        raise DownloadError(f"data.source: {source!r} is neither 'github' nor an existing directory")
+    name = str(params.get("model", {}).get("name", ""))
+    revision = params.get("model", {}).get("revision")
+    if not name:
+        raise DownloadError("model.name: not set (a hub model id or a local directory)")
+    if Path(name).is_dir():
+        revision = None  # a local directory has no hub revision; identity.json records null
+    elif not (isinstance(revision, str) and _COMMIT_SHA.fullmatch(revision)):
+        # Branch names and tags move; only a full commit sha names fixed bytes.
+        raise DownloadError(f"model.revision: {revision!r} is not a 40-hex commit sha (required for hub model {name!r})")
+    return {"data_source": source, "model_name": name, "model_revision": revision}
+
+
+def fetch(url: str) -> bytes:
+    """The body at `url`; ConnectionError when the host cannot be reached, DownloadError on an HTTP error."""
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+            return response.read()
+    except urllib.error.HTTPError as e:  # reached the server, which said no: not an offline problem
+        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:  # DNS failure, refused, timeout
+        raise ConnectionError(f"{url}: {getattr(e, 'reason', e)}") from None
+
+
+def stage_data_github(staging: Path) -> None:
+    for out_name, (upstream, _) in DATA_FILES.items():
+        url = E2E_URL.format(name=upstream)
+        log(f"fetching {url}")
+        try:
+            data = fetch(url)
+        except ConnectionError as e:
+            raise DownloadError(f"could not reach github.com to download the E2E dataset ({e}); {DATA_HELP}") from None
+        actual, expected = git_blob_id(data), E2E_BLOB_IDS[upstream]
+        if actual != expected:
+            raise DownloadError(f"{upstream}: checksum mismatch: expected git blob id {expected}, got {actual}")
+        (staging / out_name).write_bytes(data)
+
+
+def stage_data_local(staging: Path, source: Path) -> None:
+    for out_name, names in DATA_FILES.items():
+        found = next((source / n for n in names if (source / n).is_file()), None)
+        if found is None:
+            raise DownloadError(f"data.source: {source} has no {' or '.join(names)}")
+        shutil.copyfile(found, staging / out_name)
+
+
+def check_safetensors(path: Path) -> None:
+    """Cheap format check (8-byte header length, then a JSON header) that catches an HTML error page or a pickle."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        try:
+            json.loads(f.read(n) if 0 < n < 100_000_000 else b"")
+        except ValueError:
+            raise DownloadError(f"{path}: not a safetensors file") from None
+
+
+def stage_model_local(staging: Path, source: Path) -> None:
+    for name in MODEL_FILES:
+        if not (source / name).is_file():
+            raise DownloadError(f"model.name: {source} has no {name}")
+        shutil.copyfile(source / name, staging / name)
+
+
+def stage_model_hub(staging: Path, name: str, revision: str) -> None:
+    import httpx2  # the hub client's HTTP library; its TransportError means "could not connect / timed out"
+    import huggingface_hub as hf
+    from huggingface_hub.errors import FileMetadataError, HfHubHTTPError, LocalEntryNotFoundError
+
+    answered = (HfHubHTTPError, FileMetadataError)  # the hub replied: a wrong id, revision or file, not offline
+    # The hub's own scratch files (.cache/huggingface/ under local_dir) stay in this sibling, out of the output.
+    scratch = Path(tempfile.mkdtemp(prefix=f".{staging.name}.hub-", dir=staging.parent))
+    try:
+        # An LFS file's ETag is its sha256: fetch it first (one HEAD, no retries) so an offline machine fails fast.
+        url = hf.hf_hub_url(name, "model.safetensors", revision=revision, endpoint=HF_ENDPOINT)
+        meta = hf.get_hf_file_metadata(url, timeout=TIMEOUT_S, endpoint=HF_ENDPOINT)
+        expected = (meta.etag or "").lower()
+        if not _SHA256.fullmatch(expected):
+            raise DownloadError(f"{name}@{revision}: model.safetensors has no sha256 ETag (got {meta.etag!r})")
+        if meta.commit_hash != revision:
+            raise DownloadError(f"model.revision: hub resolved {revision} to commit {meta.commit_hash}")
+        for file in MODEL_FILES:
+            log(f"fetching {name}@{revision[:12]} {file}")
+            path = hf.hf_hub_download(name, file, revision=revision, local_dir=scratch, etag_timeout=TIMEOUT_S,
+                                      endpoint=HF_ENDPOINT)
+            os.replace(path, staging / file)  # same filesystem: a rename, not a 1.5 GB copy
+    except (httpx2.TransportError, ConnectionError, LocalEntryNotFoundError, *answered) as e:
+        # hf_hub_download wraps every failed lookup in LocalEntryNotFoundError: its cause tells whether the hub
+        # answered or could not be reached at all (ConnectionError covers HF_HUB_OFFLINE=1).
+        cause = e.__cause__ if isinstance(e, LocalEntryNotFoundError) and e.__cause__ else e
+        if isinstance(cause, answered):
+            raise DownloadError(f"model.name/model.revision: hub refused {name}@{revision}: {cause}") from None
+        raise DownloadError(f"could not reach the Hugging Face hub to download {name} ({e}); {MODEL_HELP}") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    actual = sha256_file(staging / "model.safetensors")
+    for what, want in (("hub ETag", expected), ("pinned", KNOWN_MODEL_SHA256.get((name, revision), actual))):
+        if actual != want:
+            raise DownloadError(f"model.safetensors: sha256 mismatch ({what}): expected {want}, got {actual}")
+
+
+def build(out: Path, fill) -> Path:
+    """Run `fill(staging_dir)` in a fresh temp sibling of `out`; return it, or remove it and re-raise on failure."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        fill(staging)
+        return staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Swap a complete staging dir into place; a previous output is removed only after the new one is ready."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
+def run(params: dict, data_out: Path, model_out: Path) -> None:
+    source = params["data_source"]
+    data = build(data_out, stage_data_github if source == "github" else lambda d: stage_data_local(d, Path(source)))
+    try:
+        for f in sorted(data.iterdir()):  # fails on a malformed CSV now rather than in preprocess
+            log(f"data: {f.name} {len(read_e2e_csv(f)):,} rows")
+        name, revision = params["model_name"], params["model_revision"]
+
+        def fill_model(staging: Path) -> None:
+            if revision is None:
+                stage_model_local(staging, Path(name))
+            else:
+                stage_model_hub(staging, name, revision)
+            check_safetensors(staging / "model.safetensors")
+            identity = {"name": name, "revision": revision, "model_sha256": sha256_file(staging / "model.safetensors")}
+            (staging / "identity.json").write_text(json.dumps(identity, indent=2) + "\n")
+            log(f"model: {name} sha256 {identity['model_sha256']}")
+
+        model = build(model_out, fill_model)
+    except BaseException:
+        shutil.rmtree(data, ignore_errors=True)
+        raise
+    # Both outputs are complete and verified: publish them together so a model failure leaves no data either.
+    publish(data, data_out)
+    publish(model, model_out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-out", type=Path, required=True, help="directory for train.csv, dev.csv, test.csv")
+    ap.add_argument("--model-out", type=Path, required=True, help="directory for the base model and identity.json")
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = ap.parse_args(argv)
+    try:
+        run(load_params(args.params), args.data_out, args.model_out)
+    except DownloadError as e:
+        print(f"download: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
