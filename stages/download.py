@@ -158,7 +158,8 @@ def stage_model_hub(staging: Path, name: str, revision: str) -> None:
     # The hub's own scratch files (.cache/huggingface/ under local_dir) stay in this sibling, out of the output.
     scratch = Path(tempfile.mkdtemp(prefix=f".{staging.name}.hub-", dir=staging.parent))
     try:
-        # An LFS file's ETag is its sha256: fetch it first (one HEAD, no retries) so an offline machine fails fast.
+        # An LFS/Xet file's ETag is its sha256 (huggingface/huggingface_hub#3018). One HEAD, no retries, comes
+        # first so that an offline machine fails in a second, before hf_hub_download's retry loop.
         url = hf.hf_hub_url(name, "model.safetensors", revision=revision, endpoint=HF_ENDPOINT)
         meta = hf.get_hf_file_metadata(url, timeout=TIMEOUT_S, endpoint=HF_ENDPOINT)
         expected = (meta.etag or "").lower()
