@@ -1,0 +1,52 @@
+"""Reading params.yaml: each stage takes only the keys it declares in dvc.yaml, validated before any work.
+
+Errors name the parameter as `section.key` so that the fix (`dvc exp run -S section.key=...` or an edit of
+params.yaml) is obvious.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+
+class ParamError(ValueError):
+    """A parameter has a value the pipeline cannot use; the message names it."""
+
+
+def load(path: str | Path = "params.yaml") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamError(f"{path}: no such file (run the stage from the project root)")
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
+def get(params: dict, key: str):
+    """params['a']['b'] for key 'a.b'; a missing key is a ParamError naming it."""
+    node = params
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ParamError(f"params.yaml: missing parameter {key}")
+        node = node[part]
+    return node
+
+
+def number(params: dict, key: str, *, kind=float, min=None, max=None, min_inclusive=True, max_inclusive=True):
+    """A validated number: right type (bools refused) and within [min, max] (bounds optional)."""
+    value = get(params, key)
+    ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise ParamError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if min is not None and (value < min or (value == min and not min_inclusive)):
+        raise ParamError(f"{key} must be {'>=' if min_inclusive else '>'} {min}, got {value!r}")
+    if max is not None and (value > max or (value == max and not max_inclusive)):
+        raise ParamError(f"{key} must be {'<=' if max_inclusive else '<'} {max}, got {value!r}")
+    return kind(value)
+
+
+def choice(params: dict, key: str, allowed) -> str:
+    value = get(params, key)
+    if value not in allowed:
+        raise ParamError(f"{key} must be one of {sorted(allowed)}, got {value!r}")
+    return value

@@ -1,0 +1,111 @@
+"""preprocess: the training format, the masks that decide what is learned, the test set by MR, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TOKENIZER, write_csv
+from stages import preprocess
+from stages.e2e import DataError, group_by_mr, read_e2e_csv
+from stages.params import ParamError
+from stages.train import EOS, collate
+
+MR = "name[The Eagle], eatType[coffee shop], food[French]"
+REF = "The Eagle is a French coffee shop."
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return preprocess.load_tokenizer(TOKENIZER)
+
+
+def test_paper_format_is_mr_separator_completion_eos(tok):
+    ex = preprocess.encode_example(tok, MR, REF, "paper")
+    ids, c = ex["input_ids"], ex["n_context"]
+    assert ids[:c] == tok.encode(MR) + [EOS]  # gpt2_encode.py --add_bos: the separator follows the context
+    assert ids[c:] == tok.encode(" " + REF) + [EOS]
+    assert tok.decode(ids[c:-1]) == " " + REF
+
+
+def test_equals_format(tok):
+    ex = preprocess.encode_example(tok, MR, REF, "equals")
+    assert tok.decode(ex["input_ids"][:ex["n_context"]]) == MR + " ="
+    assert ex["input_ids"][-1] == EOS
+
+
+def test_labels_mask_context_and_padding_but_keep_eos(tok):
+    short = preprocess.encode_example(tok, MR, "Cheap.", "paper")
+    long = preprocess.encode_example(tok, MR, REF, "paper")
+    batch = collate([short, long])
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    n, c = len(short["input_ids"]), short["n_context"]
+    assert (labels[0, :c] == -100).all()  # context: not learned
+    assert labels[0, c:n].tolist() == short["input_ids"][c:]  # completion learned, EOS included
+    assert labels[0, n - 1] == EOS
+    assert ids[0, n:].eq(EOS).all() and (labels[0, n:] == -100).all()  # padding is EOS id but never a label
+    assert mask[0].sum() == n and mask[1].sum() == len(long["input_ids"])
+    # The context's own separator EOS is masked too: only completions are learned.
+    assert (labels[1, :long["n_context"]] == -100).all() and labels[1, -1] == EOS
+
+
+def test_group_by_mr_keeps_first_appearance_order_and_all_refs():
+    rows = [("a[1]", "x"), ("b[2]", "y"), ("a[1]", "z"), ("c[3]", "w")]
+    assert group_by_mr(rows) == [("a[1]", ["x", "z"]), ("b[2]", ["y"]), ("c[3]", ["w"])]
+
+
+def run(raw, tmp_path):
+    preprocess.main(["--raw", str(raw), "--tokenizer", str(TOKENIZER), "--out", str(tmp_path / "prepared")])
+    return tmp_path / "prepared"
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_stage_writes_train_validation_and_test_by_mr(params_file, raw_dir, tmp_path):
+    out = run(raw_dir, tmp_path)
+    train = read(out / "train.jsonl")
+    assert len(train) == len(read_e2e_csv(raw_dir / "train.csv"))
+    test = read(out / "test.jsonl")
+    groups = group_by_mr(read_e2e_csv(raw_dir / "test.csv"))
+    assert [(t["mr"], t["refs"]) for t in test] == groups
+    assert all(t["context_ids"][-1] == EOS for t in test)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("header", "expected a header with 'mr' and 'ref'"),
+    ("empty", "empty split"),
+    ("malformed", "malformed MR"),
+    ("no-ref", "empty reference"),
+])
+def test_bad_input_is_an_error_naming_the_file_and_leaves_no_output(params_file, raw_dir, tmp_path, bad, message):
+    path = raw_dir / "dev.csv"
+    if bad == "header":
+        write_csv(path, [("a[1]", "x")], header=("meaning", "text"))
+    elif bad == "empty":
+        write_csv(path, [])
+    elif bad == "malformed":
+        write_csv(path, [("name[Aromi], food[Italian]", "ok"), ("name[Aromi] food Italian", "bad")])
+    else:
+        write_csv(path, [("name[Aromi]", "")])
+    with pytest.raises(DataError, match=message) as e:
+        run(raw_dir, tmp_path)
+    assert str(path) in str(e.value)
+    if bad == "malformed":
+        assert "data row 2" in str(e.value)
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_too_long_example_is_an_error_not_a_truncation(params_file, raw_dir, tmp_path):
+    params_file(preprocess__max_length=16)
+    with pytest.raises(DataError, match="preprocess.max_length=16"):
+        run(raw_dir, tmp_path)
+    assert not (tmp_path / "prepared").exists()
+
+
+@pytest.mark.parametrize("key, value", [("preprocess.format", "chat"), ("preprocess.max_length", 0)])
+def test_bad_params_name_the_parameter(params_file, raw_dir, tmp_path, key, value):
+    params_file(**{key.replace(".", "__"): value})
+    with pytest.raises(ParamError, match=key):
+        run(raw_dir, tmp_path)
