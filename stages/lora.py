@@ -59,8 +59,9 @@ class LoRAConv1D(nn.Module):
             self.lora_B[t] = nn.Parameter(torch.zeros(hi - lo, rank, **like))  # B_t: (d_out_t, r); zero => ΔW = 0
 
     def delta_weight(self, t: str) -> torch.Tensor:
-        """ΔW_t in the base layer's (d_in, d_out_t) layout: x @ ΔW_t = scaling · x Aᵀ Bᵀ."""
-        return self.scaling * (self.lora_B[t] @ self.lora_A[t]).T
+        """ΔW_t in the base layer's (d_in, d_out_t) layout, x @ ΔW_t = scaling · x Aᵀ Bᵀ; at least fp32."""
+        dtype = torch.promote_types(self.lora_A[t].dtype, torch.float32)  # half precision: round once, at merge
+        return self.scaling * (self.lora_B[t].to(dtype) @ self.lora_A[t].to(dtype)).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # (..., d_out), e.g. c_attn: (batch, seq, 3d) = [q | k | v]
@@ -101,8 +102,9 @@ def _check_args(rank, alpha, dropout, targets) -> tuple[str, ...]:
         raise ValueError(f"alpha: must be a finite number > 0, got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= dropout < 1:
         raise ValueError(f"dropout: must be a number in [0, 1), got {dropout!r}")
-    if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
-        raise TypeError(f"targets: expected a sequence of names from {TARGETS}, got {targets!r}")
+    if isinstance(targets, str) or not isinstance(targets, (tuple, list, set, frozenset)) \
+            or not all(isinstance(t, str) for t in targets):
+        raise TypeError(f"targets: expected a tuple of names from {TARGETS}, got {targets!r}")
     targets = tuple(targets)
     if not targets:
         raise ValueError(f"targets: empty; choose from {TARGETS}")
@@ -121,12 +123,15 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     blocks = _attention_blocks(model)
     if _lora_layers(model):
         raise ValueError("model: LoRA is already added; merge_lora it first or use a fresh model")
+    for attn in blocks:  # check everything before changing anything
+        d = attn.embed_dim
+        if not (isinstance(attn.c_attn, Conv1D) and isinstance(attn.c_proj, Conv1D)
+                and tuple(attn.c_attn.weight.shape) == (d, 3 * d) and tuple(attn.c_proj.weight.shape) == (d, d)):
+            raise TypeError(f"model: attention projections are not GPT-2's Conv1D of shapes ({d}, {3 * d}) and "
+                            f"({d}, {d}): c_attn {attn.c_attn}, c_proj {attn.c_proj}")
     model.requires_grad_(False)  # the pretrained weights stay frozen (section 4.1); only A and B train
     for attn in blocks:
         d = attn.embed_dim
-        if tuple(attn.c_attn.weight.shape) != (d, 3 * d) or tuple(attn.c_proj.weight.shape) != (d, d):
-            raise TypeError(f"model: attention weights are not GPT-2 shaped (c_attn {tuple(attn.c_attn.weight.shape)}"
-                            f", c_proj {tuple(attn.c_proj.weight.shape)}, expected ({d}, {3 * d}), ({d}, {d}))")
         qkv = {t: (i * d, (i + 1) * d) for i, t in enumerate(("q", "k", "v")) if t in targets}
         if qkv:
             attn.c_attn = LoRAConv1D(attn.c_attn, qkv, rank, alpha, dropout)
@@ -147,8 +152,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
         for name, layer in layers.items():
             w = layer.base.weight  # (d_in, d_out); untargeted columns are not written at all
             for t, (lo, hi) in layer.blocks.items():
-                # Sum in fp32 and round once, so half-precision bases lose as little as possible.
-                w[:, lo:hi] = (w[:, lo:hi].float() + layer.delta_weight(t).float()).to(w.dtype)
+                delta = layer.delta_weight(t)  # (d_in, hi - lo), fp32 or wider: sum there and round once
+                w[:, lo:hi] = (w[:, lo:hi].to(delta.dtype) + delta).to(w.dtype)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, layer.base)
     return model
@@ -202,10 +207,14 @@ def load_adapter(model: nn.Module, path: str | Path, base: str | None = None) ->
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format is {meta.get('format')!r} version {meta.get('format_version')!r}, "
                          f"expected {FORMAT!r} version {FORMAT_VERSION!r}")
-    file_cfg = {"rank": int(meta["rank"]), "alpha": float(meta["alpha"]), "dropout": float(meta["dropout"]),
-                "targets": tuple(meta["targets"].split(","))}
-    if base is not None and meta["base"] != base:
-        raise ValueError(f"base: adapter {path} was trained on {meta['base']!r}, the model is {base!r}")
+    try:
+        file_cfg = {"rank": int(meta["rank"]), "alpha": float(meta["alpha"]), "dropout": float(meta["dropout"]),
+                    "targets": tuple(meta["targets"].split(","))}
+        file_base = meta["base"]
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: bad adapter metadata ({e!r}): {meta}") from None
+    if base is not None and file_base != base:
+        raise ValueError(f"base: adapter {path} was trained on {file_base!r}, the model is {base!r}")
     if _lora_layers(model):
         have = lora_config(model)
         for field in ("rank", "alpha", "targets"):

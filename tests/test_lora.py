@@ -293,6 +293,7 @@ def test_adapter_file_is_safetensors_with_settings_metadata(base, tmp_path):
     (dict(targets=("q", "x")), ValueError, "targets"),
     (dict(targets=("q", "q")), ValueError, "targets"),
     (dict(targets="qv"), TypeError, "targets"),
+    (dict(targets=None), TypeError, "targets"),
 ])
 def test_invalid_arguments_raise_errors_naming_the_argument(base, kw, error, name):
     args = {"rank": RANK, "alpha": 32, **kw}
@@ -304,6 +305,14 @@ def test_invalid_arguments_raise_errors_naming_the_argument(base, kw, error, nam
 def test_a_model_that_is_not_gpt2_is_refused():
     with pytest.raises(TypeError, match="^model:"):
         add_lora(torch.nn.Linear(4, 4), rank=RANK, alpha=32)
+
+
+def test_a_gpt2_with_foreign_attention_projections_is_refused_untouched(base):
+    base.transformer.h[1].attn.c_attn = torch.nn.Linear(D, 3 * D)
+    with pytest.raises(TypeError, match="^model:"):
+        add_lora(base, rank=RANK, alpha=32)
+    assert all(p.requires_grad for p in base.parameters())
+    assert not any(isinstance(m, LoRAConv1D) for m in base.modules())
 
 
 def test_lora_added_twice_is_refused(base):
