@@ -118,8 +118,9 @@ def main(argv=None) -> None:
             learning_rate=cfg["lr"], weight_decay=cfg["weight_decay"], adam_beta1=0.9, adam_beta2=0.999,
             lr_scheduler_type="linear", warmup_steps=cfg["warmup_steps"],
             label_smoothing_factor=cfg["label_smoothing"], max_grad_norm=cfg["max_grad_norm"],
-            eval_strategy="epoch", logging_strategy="steps", logging_steps=10, save_strategy="no",
+            eval_strategy="epoch", logging_steps=0.02, logging_first_step=True, save_strategy="no",
             report_to="none", remove_unused_columns=False, disable_tqdm=True,
+            dataloader_pin_memory=torch.cuda.is_available(),
         )
         trainer = Trainer(model=model, args=targs, train_dataset=train_set, eval_dataset=eval_set,
                           data_collator=collate)

@@ -1,0 +1,112 @@
+"""train and generate on a tiny GPT-2: what is learned, what is saved, how decoding batches, bad params."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from conftest import TOKENIZER
+from stages import generate, lora, preprocess, train
+from stages.params import ParamError
+
+TINY = dict(vocab_size=50257, n_positions=128, n_embd=16, n_layer=1, n_head=2)
+
+
+@pytest.fixture
+def base_dir(tmp_path):
+    torch.manual_seed(0)
+    d = tmp_path / "base"
+    GPT2LMHeadModel(GPT2Config(**TINY)).save_pretrained(d)
+    (d / "tokenizer.json").write_bytes(TOKENIZER.read_bytes())
+    (d / "identity.json").write_text(json.dumps({"name": "tiny", "revision": None, "model_sha256": "0" * 64}))
+    return d
+
+
+@pytest.fixture
+def prepared(params_file, raw_dir, tmp_path):
+    out = tmp_path / "prepared"
+    preprocess.main(["--raw", str(raw_dir), "--tokenizer", str(TOKENIZER), "--out", str(out)])
+    return out
+
+
+def fast_params(params_file, **more):
+    return params_file(train__epochs=1, train__warmup_steps=0, generate__num_beams=2, generate__max_new_tokens=6,
+                       **more)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_train_saves_weights_info_and_loss_history(params_file, prepared, base_dir, tmp_path, method):
+    fast_params(params_file)
+    out = tmp_path / method
+    train.main(["--method", method, "--data", str(prepared), "--base", str(base_dir), "--out", str(out)])
+    info = json.loads((out / "train_info.json").read_text())
+    n_layer, d = TINY["n_layer"], TINY["n_embd"]
+    expected = n_layer * 2 * 2 * 4 * d if method == "lora" else sum(
+        p.numel() for p in GPT2LMHeadModel.from_pretrained(base_dir).parameters())
+    assert info["trainable_params"] == expected
+    assert info["steps"] > 0 and info["train_time_s"] >= 0 and info["peak_memory_mb"] > 0
+    assert any("loss" in h for h in json.loads((out / "log_history.json").read_text()))
+    saved = {p.name for p in out.iterdir()}
+    assert ("adapter.safetensors" in saved) == (method == "lora") and ("model.safetensors" in saved) == (method == "full")
+
+
+def test_lora_training_moves_only_the_adapter(params_file, prepared, base_dir, tmp_path):
+    fast_params(params_file, lora__lr=0.05)
+    out = tmp_path / "lora"
+    train.main(["--method", "lora", "--data", str(prepared), "--base", str(base_dir), "--out", str(out)])
+    model = GPT2LMHeadModel.from_pretrained(base_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lora.load_adapter(model, out / "adapter.safetensors", base=train.base_identity(base_dir))
+    sd = lora.lora_state_dict(model)
+    assert any(k.endswith("lora_B.q") or "lora_B" in k for k in sd) and any(v.abs().sum() > 0 for k, v in sd.items()
+                                                                          if "lora_B" in k)
+    for k, v in model.state_dict().items():
+        if "lora" not in k:
+            assert torch.equal(v, before[k.replace(".base.", ".")]), k
+
+
+@pytest.mark.parametrize("key, value", [
+    ("lora.rank", 0), ("lora.rank", 2.5), ("lora.targets", ["q", "x"]), ("lora.targets", []), ("lora.lr", -1e-4),
+    ("lora.dropout", 1.0), ("train.epochs", 0), ("train.batch_size", 0), ("train.label_smoothing", 1.0),
+])
+def test_bad_training_params_fail_before_loading_anything(params_file, tmp_path, key, value):
+    params_file(**{key.replace(".", "__"): value})
+    with pytest.raises(ParamError, match=key):
+        train.main(["--method", "lora", "--data", str(tmp_path / "nowhere"), "--base", str(tmp_path / "none"),
+                    "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_full_ignores_lora_params(params_file, tmp_path):
+    params = params_file(lora__rank=0)
+    assert train.read_config(params, "full")["lr"] == params["full"]["lr"]
+
+
+def test_batched_decoding_equals_one_by_one(base_dir, tmp_path):
+    """Left padding must not change outputs: position ids follow the attention mask."""
+    tok = preprocess.load_tokenizer(TOKENIZER)
+    model = GPT2LMHeadModel.from_pretrained(base_dir)
+    mrs = ["name[Aromi]", "name[The Eagle], food[French], area[riverside]", "name[Zizzi], priceRange[cheap]"]
+    contexts = [preprocess.encode_context(tok, mr, "paper") for mr in mrs]
+    cfg = dict(num_beams=3, length_penalty=0.9, no_repeat_ngram_size=4, max_new_tokens=8, batch_size=3)
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    batched = generate.generate(model, contexts, cfg, decode)
+    single = generate.generate(model, contexts, {**cfg, "batch_size": 1}, decode)
+    assert batched == single and len(batched) == 3
+
+
+def test_one_line_keeps_the_scorer_format():
+    assert generate.one_line(" The Eagle\nis  cheap.\r\n") == "The Eagle is cheap."
+
+
+def test_generate_stage_writes_one_line_per_test_mr_and_info(params_file, prepared, base_dir, tmp_path):
+    fast_params(params_file)
+    out = tmp_path / "pred" / "base.txt"
+    generate.main(["--method", "base", "--data", str(prepared), "--base", str(base_dir), "--model", str(base_dir),
+                   "--out", str(out)])
+    n_mrs = len((prepared / "test.jsonl").read_text().splitlines())
+    assert len(out.read_text(encoding="utf-8").split("\n")) == n_mrs + 1  # n lines, each newline-terminated
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info["trainable_params"] == 0 and info["test_mrs"] == n_mrs
