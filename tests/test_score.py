@@ -196,3 +196,146 @@ def test_cli_warns_on_empty_predictions_merges_extra_and_writes_atomically(tmp_p
     extra.write_text('{"bleu": 1}', encoding="utf-8")
     assert score_cli.main(["--refs", str(refs), "--predictions", str(pred), "--extra", str(extra)]) == 2
     assert "collide" in capsys.readouterr().err
+
+
+# --- METEOR with a filtered paraphrase table (stages/meteor_table.py) ------------------------------------------------
+
+from stages import meteor_table  # noqa: E402
+
+METEOR_NORMALIZER = ["java", "-Dfile.encoding=UTF-8", "-Dsun.stdout.encoding=UTF-8", "-cp", str(metrics._METEOR_JAR),
+                     "edu.cmu.meteor.util.Normalizer", "en", "true"]
+
+
+def meteor_inputs() -> dict[str, tuple[list[list[str]], list[str]]]:
+    """PTB-tokenized (refs, hyps) as score() hands them to METEOR: both fixture cases, the edge texts (each scored
+    against the next two), and one system output on the E2E test set when ../shared is there."""
+    raw = {name: (load_refs(FIX / c["references"]), load_predictions(FIX / c["predictions"]))
+           for name, c in CASES.items()}
+    n = len(EDGE_TEXTS)
+    raw["edge-texts"] = ([[EDGE_TEXTS[(i + 1) % n], EDGE_TEXTS[(i + 2) % n]] for i in range(n)], EDGE_TEXTS)
+    if SHARED.is_dir():
+        raw["sclstm"] = (load_refs(SHARED / "testset_w_refs.csv"), load_predictions(SHARED / "system-outputs" /
+                                                                                     "sclstm.txt"))
+    return {k: ([[coco_tokenize(r) for r in inst] for inst in refs], [coco_tokenize(p) for p in preds])
+            for k, (refs, preds) in raw.items()}
+
+
+def pycocoevalcap_meteor(inputs: dict) -> dict[str, tuple[str, list[str], list[str]]]:
+    """The oracle: pycocoevalcap's own Meteor wrapper (its command line, the full 5.3 M-entry paraphrase table),
+    one JVM for all inputs; per input the corpus score, the per-segment scores and METEOR's per-segment statistics."""
+    from pycocoevalcap.meteor.meteor import Meteor
+    m = Meteor()
+    out = {}
+    for name, (refs, hyps) in inputs.items():
+        stats = [m._stat(h, r) for r, h in zip(refs, hyps)]  # as Meteor.compute_score does, keeping the stats
+        m.meteor_p.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
+        m.meteor_p.stdin.flush()
+        segs = [m.meteor_p.stdout.readline().decode().strip() for _ in hyps]
+        out[name] = (m.meteor_p.stdout.readline().decode().strip(), segs, stats)
+    return out
+
+
+@needs_java
+def test_meteor_with_filtered_paraphrases_equals_pycocoevalcap_with_the_full_table(monkeypatch):
+    inputs = meteor_inputs()
+    kept: list[int] = []
+    real_filter = meteor_table.filter_table
+    monkeypatch.setattr(meteor_table, "filter_table", lambda *a, **k: kept.append(real_filter(*a, **k)) or kept[-1])
+    with ThreadPoolExecutor(2) as pool:
+        oracle = pool.submit(pycocoevalcap_meteor, inputs)
+        ours = {name: metrics.meteor(refs, hyps) for name, (refs, hyps) in inputs.items()}
+        expected = oracle.result()
+    assert len(kept) == len(inputs) and all(0 < k < 5_274_084 for k in kept), kept  # really filtered
+    for name in inputs:
+        score, segment_scores, stats = expected[name]
+        assert ours[name].segment_stats == stats, name  # match counts per module (paraphrase included), chunks
+        assert ours[name].segment_scores == segment_scores, name
+        assert repr(ours[name].score) == repr(float(score)), name
+    # Not vacuous: paraphrase matches (4th module; content and function words, test and reference side) abound...
+    para = [sum(float(s.split()[k]) for s in ours["dev-first-ref"].segment_stats) for k in (7, 11, 15, 19)]
+    assert sum(para) > 1000, para
+    # ...and the comparison sees a table that lacks them.
+    refs, hyps = inputs["example-inputs"]
+    monkeypatch.setattr(meteor_table, "filter_table", lambda table, vocab, out, root=None: real_filter(
+        table, set(), out, root))
+    assert metrics.meteor(refs, hyps).segment_stats != expected["example-inputs"][2]
+
+
+@needs_java
+def test_meteor_vocabulary_covers_what_meteors_normalizer_produces(tmp_path):
+    """Oracle: METEOR's own Normalizer class from the jar (then lowercasing) on raw and PTB-tokenized texts; our
+    vocabulary must contain every word it yields, or a paraphrase entry could be dropped."""
+    texts = [r for inst in load_refs(FIX / "devel-conc.txt") for r in inst] + EDGE_TEXTS + [
+        "U.S.-based e.g. Inc. No. 5 ... x.. a...b ``quoted'' ‘single’ “double” 20–30 a--b a---b rock'n'roll 1990's",
+        "Š Ž ÀÖØöøž naïve İstanbul KELVIN \u212a DOTMULTI x,y 3,000 a,1 1,a it's o'neil dogs' '90s 'tis x.y.z. Mr. X"]
+    if SHARED.is_dir():
+        texts += load_predictions(SHARED / "system-outputs" / "sclstm.txt")
+    segments = texts + [coco_tokenize(t) for t in texts]
+    run = subprocess.run(METEOR_NORMALIZER, input="\n".join(segments) + "\n", capture_output=True, text=True,
+                         encoding="utf-8", check=True)
+    produced = {w for line in run.stdout.split("\n") for w in line.lower().split()}
+    missing = produced - meteor_table.vocabulary(segments)
+    assert not missing, sorted(missing)[:20]
+
+
+def _write_table(path: Path, entries: list[tuple[str, str]]) -> None:
+    import gzip
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for i, (ref, par) in enumerate(entries):
+            f.write(f"0.{i + 1}\n{ref}\n{par}\n")
+
+
+def test_filtered_table_keeps_exactly_the_matchable_entries_in_order(tmp_path):
+    entries = [("the cat", "a cat"), ("dog", "hound"), ("the  cat\t", "the feline"), ("café", "cafe"),
+               ("the cat", "a cat"), ("x", "y z"), ("a", "the"), ("Cat", "cat"), ("cat", "café bar")]
+    table = tmp_path / "para.gz"
+    _write_table(table, entries)
+    cache = tmp_path / "cache"
+    out = tmp_path / "out.gz"
+    vocab = {"the", "cat", "a", "cafe", "z"}
+    n = meteor_table.filter_table(table, vocab, out, root=cache)
+    import gzip
+    lines = gzip.open(out, "rt", encoding="utf-8").read().split("\n")
+    kept = list(zip(lines[1::3], lines[2::3]))
+    # all words present (non-ASCII table words count as present; phrases come back single-spaced), order and
+    # duplicates kept; "Cat" is absent: METEOR lowercases the input, never the table
+    assert kept == [("the cat", "a cat"), ("café", "cafe"), ("the cat", "a cat"), ("a", "the")] and n == 4
+    assert lines[0::3][:-1] == ["1"] * 4 and lines[-1] == ""
+
+
+def test_paraphrase_index_is_cached_by_table_and_built_atomically(tmp_path, monkeypatch):
+    table = tmp_path / "para.gz"
+    _write_table(table, [("a", "b")])
+    cache = tmp_path / "cache"
+    built = meteor_table.ensure_index(table, cache)
+    assert meteor_table.ensure_index(table, cache) == built  # reused, not rebuilt
+    _write_table(table, [("a", "b"), ("b", "c")])  # a changed table (size, mtime) gets a fresh index
+    real_build = meteor_table.build_index
+
+    def failing_build(table, dest, **kw):
+        real_build(table, dest, chunk_bytes=4)  # tiny chunks: entries split across reads still index right
+        shutil.copytree(dest, tmp_path / "ok-index")
+        shutil.rmtree(dest)
+        raise OSError("disk full")
+    monkeypatch.setattr(meteor_table, "build_index", failing_build)
+    with pytest.raises(OSError):
+        meteor_table.ensure_index(table, cache)
+    assert sorted(p.name for p in (cache / "meteor-paraphrase").iterdir()) == [".lock", built.name]  # no partial
+    monkeypatch.setattr(meteor_table, "build_index", real_build)
+    assert meteor_table.filter_table(table, {"a", "b"}, tmp_path / "o.gz", root=cache) == 1
+    import numpy as np
+    assert np.load(tmp_path / "ok-index" / "ref_counts.npy").tolist() == [1, 1]
+
+
+def test_filtering_failure_falls_back_to_the_full_table(monkeypatch, capsys):
+    def boom(*a, **k):
+        raise meteor_table.TableError("broken")
+    monkeypatch.setattr(meteor_table, "filter_table", boom)
+    started = []
+    monkeypatch.setattr(metrics, "_start_meteor", lambda table=None: started.append(table) or (_ for _ in ()).throw(
+        JavaError("stop here")))
+    if shutil.which("java") is None:
+        monkeypatch.setattr(metrics.shutil, "which", lambda name: "/usr/bin/java")
+    with pytest.raises(JavaError, match="stop here"):
+        metrics.meteor([["a b"]], ["a b"])
+    assert started == [None] and "loading the full table" in capsys.readouterr().err
