@@ -7,8 +7,9 @@ alpha = 32. Table 5 ablates the choice of W_q, W_k, W_v, W_o, so all four are ta
 
 GPT-2 computes q, k and v with ONE fused `Conv1D` (`attn.c_attn`: weight (d, 3d), columns [q | k | v],
 y = x @ W + b). PEFT can only target the whole c_attn (one A shared by q, k and v: a different model with the same
-parameter count); microsoft/LoRA's MergedLinear targets slices but got its transposes wrong. Here every target has
-its own A_t, B_t and its update is added to its own column block of c_attn's output; k's block is never touched.
+parameter count); microsoft/LoRA's MergedLinear targets slices, but with a transpose bug (its issue #103, fixed in
+#105). Here every target has its own A_t, B_t and its update is added to its own column block of c_attn's output;
+k's block is never touched.
 
 Parameter count, GPT-2 Medium (24 layers, d = 1024), r = 4 on q and v: 24 · 2 · (4·1024 + 1024·4) = 393,216.
 The paper's Table 3 prints 0.35M; microsoft/LoRA issue #172 also counts 0.39M.
@@ -68,7 +69,8 @@ class LoRAConv1D(nn.Module):
         x = self.dropout(x)
         for t, (lo, hi) in self.blocks.items():
             # (..., d_in) -> (..., r) -> (..., d_out_t): only the r-wide product, added in place to t's columns;
-            # no full-width, zero-padded delta is ever built. Autograd handles the in-place add on the view.
+            # no full-width, zero-padded delta is ever built. In place is safe: the base addmm's backward needs its
+            # inputs, not its output.
             y[..., lo:hi].add_(F.linear(F.linear(x, self.lora_A[t]), self.lora_B[t]), alpha=self.scaling)
         return y
 
