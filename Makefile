@@ -1,0 +1,34 @@
+# make demo   the offline demo: the whole DVC pipeline on a small sample and a small GPT-2 (< 10 min, 2 CPU cores)
+# make test   the test suite
+# make bench  benchmarks (LoRA step vs PEFT and full fine-tuning; scorer speed)
+# Each creates .venv/ first when it is missing or older than the pinned requirements.
+
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+
+.PHONY: demo test bench venv clean
+
+$(VENV)/.installed: pyproject.toml requirements.txt
+	python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and alone: `torch==2.13.0` resolves to the CPU build where one is on disk, CUDA elsewhere
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	bash scripts/demo.sh
+
+test: venv
+	$(BIN)/python -m pytest
+
+bench: venv
+	$(BIN)/python benchmarks/bench_lora.py
+	$(BIN)/python benchmarks/bench_score.py
+
+clean:
+	rm -rf demo .pytest_cache
