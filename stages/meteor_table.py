@@ -156,9 +156,9 @@ def _lines_of(words: np.ndarray, ids: np.ndarray, counts: np.ndarray, keep: np.n
     return [next(it) if c else "" for c in kept_counts.tolist()]
 
 
-def filter_table(table: Path, vocabulary: set[str], out: Path, root: Path | None = None) -> int:
-    """Write to `out` (gzip) the entries of `table` whose words all occur in `vocabulary`, in table order; returns
-    their number. The probability line, which METEOR reads and discards, is written as 1."""
+def filtered(table: Path, vocabulary: set[str], root: Path | None = None) -> tuple[bytes, int]:
+    """The entries of `table` whose words all occur in `vocabulary`, in table order, as a gzipped table, and their
+    number. The probability line, which METEOR reads and discards, is written as 1."""
     index = ensure_index(table, root)
     raw = (index / "words.txt").read_bytes().split(b"\n")[:-1]
     words = np.array([w.decode("utf-8", "replace") for w in raw], dtype=object)
@@ -179,9 +179,15 @@ def filter_table(table: Path, vocabulary: set[str], out: Path, root: Path | None
         sides[side] = (ids, counts)
     refs = _lines_of(words, *sides["ref"], keep)
     pars = _lines_of(words, *sides["par"], keep)
-    with gzip.open(out, "wb", compresslevel=1) as f:
-        f.write("".join(f"1\n{r}\n{p}\n" for r, p in zip(refs, pars)).encode())
-    return len(refs)
+    text = "".join(f"1\n{r}\n{p}\n" for r, p in zip(refs, pars)).encode()
+    return gzip.compress(text, compresslevel=1), len(refs)
+
+
+def filter_table(table: Path, vocabulary: set[str], out: Path, root: Path | None = None) -> int:
+    """`filtered()` written to the file `out`; returns the number of entries."""
+    data, n = filtered(table, vocabulary, root)
+    out.write_bytes(data)
+    return n
 
 
 # METEOR Normalizer's alphanumeric class; its rules only ever act on or next to other characters.
@@ -218,3 +224,8 @@ def vocabulary(segments: list[str]) -> set[str]:
                 n = len(base)
                 vocab.update(base[i:j] for i in range(n) for j in range(i + 1, n + 1))
     return vocab
+
+
+if __name__ == "__main__":  # python -m stages.meteor_table: build the index now (e.g. in setup), not on first use
+    from stages.metrics import PARAPHRASE_TABLE
+    print(ensure_index(PARAPHRASE_TABLE))

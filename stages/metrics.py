@@ -9,6 +9,7 @@ Americanisation, no escaping of / and *, parentheses/brackets become -LRB-/-LSB-
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -259,37 +261,98 @@ def _write(pipe, data: bytes) -> None:
         pass  # the reader reports the JVM's failure
 
 
+class Meteor:
+    """One METEOR 1.5 run, started before its input is known. With `filtered`, METEOR gets only the paraphrase-table
+    entries that can match the input (identical scores; stages/meteor_table.py): its table argument is a named pipe,
+    so the JVM boots and loads WordNet while Python tokenizes and filters, then reads the filtered table from the
+    pipe. Any failure in filtering falls back to a JVM with the full table (slow, same scores). Without named pipes
+    (Windows) the filtered table goes through a temporary file and the JVM starts when the input is known."""
+
+    def __init__(self, filtered: bool = True):
+        _java()
+        self.filtered = filtered and PARAPHRASE_TABLE.is_file()
+        self.tmpdir = tempfile.mkdtemp(prefix="meteor-") if self.filtered else None
+        self.table = Path(self.tmpdir, "paraphrase.gz") if self.tmpdir else None
+        self.proc = None
+        self._lock = threading.Lock()  # close() may come from the caller's thread while run() is in METEOR's
+        self._closed = False
+        if self.table is not None and hasattr(os, "mkfifo"):
+            os.mkfifo(self.table, 0o600)
+            self.proc = _start_meteor(self.table)
+
+    def run(self, tok_refs: list[list[str]], tok_hyps: list[str], timeout: float = 300.0) -> MeteorResult:
+        try:
+            if self.table is not None:
+                try:
+                    # The exact strings METEOR will normalise: its stdio split of each SCORE line on |||.
+                    segments = [part for r, h in zip(tok_refs, tok_hyps)
+                                for part in _meteor_line(r, h)[:-1].split("|||")[1:]]
+                    data, _ = meteor_table.filtered(PARAPHRASE_TABLE, meteor_table.vocabulary(segments))
+                    if self.proc is None:
+                        self.table.write_bytes(data)
+                        self._start(self.table)
+                    else:
+                        _feed_pipe(self.table, data, self.proc, timeout)
+                except Exception as e:  # noqa: BLE001 - the full table still gives the right score, slowly
+                    print(f"warning: METEOR paraphrase filtering failed ({e!r}); loading the full table",
+                          file=sys.stderr)
+                    self._stop()
+                    self.table = None
+            if self.proc is None:
+                self._start(None)
+            return _run_meteor(self.proc, tok_refs, tok_hyps, timeout)
+        finally:
+            self.close()
+
+    def _start(self, table: Path | None) -> None:
+        with self._lock:
+            if self._closed:
+                raise JavaError("METEOR run closed")
+            self.proc = _start_meteor(table)
+
+    def _stop(self) -> None:
+        with self._lock:
+            if self.proc is not None:
+                if self.proc.poll() is None:
+                    self.proc.kill()
+                self.proc.wait()
+                self.proc = None
+
+    def close(self) -> None:
+        """Kill the JVM if still running and remove the temporary table; idempotent, callable from any thread."""
+        with self._lock:
+            self._closed = True
+        self._stop()
+        with self._lock:
+            if self.tmpdir is not None:
+                shutil.rmtree(self.tmpdir, ignore_errors=True)
+                self.tmpdir = None
+
+
+def _feed_pipe(fifo: Path, data: bytes, proc: subprocess.Popen, timeout: float) -> None:
+    """Write `data` into the named pipe once METEOR opens it (never block on a JVM that died first)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO until the reader has opened it
+            break
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+        if proc.poll() is not None:
+            raise JavaError("METEOR exited before reading its paraphrase table")
+        if time.monotonic() > deadline:
+            raise JavaError("METEOR did not open its paraphrase table in time")
+        time.sleep(0.005)
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "wb") as pipe:
+        pipe.write(data)
+
+
 def meteor(tok_refs: list[list[str]], tok_hyps: list[str], timeout: float = 300.0,
            filtered: bool = True) -> MeteorResult:
-    """METEOR 1.5 of PTB-tokenized hypotheses against references, as pycocoevalcap computes it. With `filtered`,
-    METEOR gets only the paraphrase-table entries that can match this input (identical scores, JVM start in about a
-    second instead of ~10 s; stages/meteor_table.py); any failure there falls back to the full table."""
-    _java()
-    table = None
-    if filtered and PARAPHRASE_TABLE.is_file():
-        fd, name = tempfile.mkstemp(prefix="meteor-paraphrase-", suffix=".gz")
-        os.close(fd)
-        table = Path(name)
-        try:
-            # The exact strings METEOR will normalise: its stdio split of each SCORE line on |||, less "SCORE".
-            segments = [part for r, h in zip(tok_refs, tok_hyps)
-                        for part in _meteor_line(r, h)[:-1].split("|||")[1:]]
-            meteor_table.filter_table(PARAPHRASE_TABLE, meteor_table.vocabulary(segments), table)
-        except Exception as e:  # noqa: BLE001 - any failure: the full table still gives the right score, slowly
-            print(f"warning: METEOR paraphrase filtering failed ({e!r}); loading the full table", file=sys.stderr)
-            table.unlink(missing_ok=True)
-            table = None
-    try:
-        proc = _start_meteor(table)
-        try:
-            return _run_meteor(proc, tok_refs, tok_hyps, timeout)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    finally:
-        if table is not None:
-            table.unlink(missing_ok=True)
+    """METEOR 1.5 of PTB-tokenized hypotheses against references, as pycocoevalcap computes it (see `Meteor`)."""
+    return Meteor(filtered).run(tok_refs, tok_hyps, timeout)
 
 
 def score(refs: list[list[str]], preds: list[str], meteor_timeout: float = 300.0) -> dict[str, float]:
@@ -299,24 +362,27 @@ def score(refs: list[list[str]], preds: list[str], meteor_timeout: float = 300.0
         raise DataError(f"{len(preds)} predictions but {len(refs)} reference instances")
     if not refs or any(not r for r in refs):
         raise DataError("every instance needs at least one reference")
-    _java()
-    tok_refs = [[coco_tokenize(r) for r in inst] for inst in refs]
-    tok_preds = [coco_tokenize(p) for p in preds]
-    # METEOR (the only JVM) in a thread: it filters its paraphrase table and loads it while Python does the rest.
-    result: dict[str, float] = {}
-    thread = threading.Thread(target=lambda: result.update(
-        meteor=meteor(tok_refs, tok_preds, meteor_timeout).score), daemon=True)
-    errors: list[BaseException] = []
-    thread.run = _catching(thread.run, errors)
-    thread.start()
-    bleu, nist = mteval.bleu_nist(refs, preds)
-    gts = dict(enumerate(tok_refs))
-    res = {i: [p] for i, p in enumerate(tok_preds)}
-    rouge_l = Rouge().compute_score(gts, res)[0]
-    cider = Cider().compute_score(gts, res)[0]
-    thread.join()
-    if errors:
-        raise errors[0]
+    meteor_run = Meteor()  # the only JVM: it boots and loads WordNet while Python tokenizes
+    try:
+        tok_refs = [[coco_tokenize(r) for r in inst] for inst in refs]
+        tok_preds = [coco_tokenize(p) for p in preds]
+        # METEOR in a thread: it filters its paraphrase table, which the JVM loads, while Python does the rest.
+        result: dict[str, float] = {}
+        thread = threading.Thread(target=lambda: result.update(
+            meteor=meteor_run.run(tok_refs, tok_preds, meteor_timeout).score), daemon=True)
+        errors: list[BaseException] = []
+        thread.run = _catching(thread.run, errors)
+        thread.start()
+        bleu, nist = mteval.bleu_nist(refs, preds)
+        gts = dict(enumerate(tok_refs))
+        res = {i: [p] for i, p in enumerate(tok_preds)}
+        rouge_l = Rouge().compute_score(gts, res)[0]
+        cider = Cider().compute_score(gts, res)[0]
+        thread.join()
+        if errors:
+            raise errors[0]
+    finally:
+        meteor_run.close()
     return {"bleu": bleu, "nist": nist, "meteor": result["meteor"], "rouge_l": float(rouge_l), "cider": float(cider)}
 
 

@@ -239,8 +239,13 @@ def pycocoevalcap_meteor(inputs: dict) -> dict[str, tuple[str, list[str], list[s
 def test_meteor_with_filtered_paraphrases_equals_pycocoevalcap_with_the_full_table(monkeypatch):
     inputs = meteor_inputs()
     kept: list[int] = []
-    real_filter = meteor_table.filter_table
-    monkeypatch.setattr(meteor_table, "filter_table", lambda *a, **k: kept.append(real_filter(*a, **k)) or kept[-1])
+    real_filter = meteor_table.filtered
+
+    def spy(*a, **k):
+        data, n = real_filter(*a, **k)
+        kept.append(n)
+        return data, n
+    monkeypatch.setattr(meteor_table, "filtered", spy)
     with ThreadPoolExecutor(2) as pool:
         oracle = pool.submit(pycocoevalcap_meteor, inputs)
         ours = {name: metrics.meteor(refs, hyps) for name, (refs, hyps) in inputs.items()}
@@ -256,8 +261,7 @@ def test_meteor_with_filtered_paraphrases_equals_pycocoevalcap_with_the_full_tab
     assert sum(para) > 1000, para
     # ...and the comparison sees a table that lacks them.
     refs, hyps = inputs["example-inputs"]
-    monkeypatch.setattr(meteor_table, "filter_table", lambda table, vocab, out, root=None: real_filter(
-        table, set(), out, root))
+    monkeypatch.setattr(meteor_table, "filtered", lambda table, vocab, root=None: real_filter(table, set(), root))
     assert metrics.meteor(refs, hyps).segment_stats != expected["example-inputs"][2]
 
 
@@ -330,12 +334,28 @@ def test_paraphrase_index_is_cached_by_table_and_built_atomically(tmp_path, monk
 def test_filtering_failure_falls_back_to_the_full_table(monkeypatch, capsys):
     def boom(*a, **k):
         raise meteor_table.TableError("broken")
-    monkeypatch.setattr(meteor_table, "filter_table", boom)
+
+    class FakeJvm:  # stands for the JVM started on the named pipe: alive until killed
+        killed = False
+        def poll(self):
+            return 0 if self.killed else None
+        def kill(self):
+            self.killed = True
+        def wait(self):
+            return 0
     started = []
-    monkeypatch.setattr(metrics, "_start_meteor", lambda table=None: started.append(table) or (_ for _ in ()).throw(
-        JavaError("stop here")))
+
+    def start(table=None):
+        started.append(table)
+        if table is None:
+            raise JavaError("stop here")
+        return FakeJvm()
+    monkeypatch.setattr(meteor_table, "filtered", boom)
+    monkeypatch.setattr(metrics, "_start_meteor", start)
     if shutil.which("java") is None:
         monkeypatch.setattr(metrics.shutil, "which", lambda name: "/usr/bin/java")
+    run = metrics.Meteor()
     with pytest.raises(JavaError, match="stop here"):
-        metrics.meteor([["a b"]], ["a b"])
-    assert started == [None] and "loading the full table" in capsys.readouterr().err
+        run.run([["a b"]], ["a b"])
+    assert started[-1] is None and len(started) in (1, 2)  # 2 where named pipes exist: the first JVM is dropped
+    assert "loading the full table" in capsys.readouterr().err and run.tmpdir is None
