@@ -37,6 +37,7 @@ except ImportError:  # not on Windows: concurrent builds are then merely wasted 
     fcntl = None
 
 INDEX_VERSION = 1
+MAX_SUBSTRING = 48  # longest substring of a non-alphanumeric token that vocabulary() lists
 _TOKEN_SPLIT = re.compile(r"[ \t\n\r\f]+")  # java.util.StringTokenizer's default delimiters
 
 
@@ -162,8 +163,10 @@ def filtered(table: Path, vocabulary: set[str], root: Path | None = None) -> tup
     index = ensure_index(table, root)
     raw = (index / "words.txt").read_bytes().split(b"\n")[:-1]
     words = np.array([w.decode("utf-8", "replace") for w in raw], dtype=object)
-    # Non-ASCII table words count as present: keeps a superset whatever Java's and Python's case mappings do.
-    present = np.fromiter((not w.isascii() or w.decode() in vocabulary for w in raw), dtype=bool, count=len(raw))
+    # Non-ASCII table words count as present: keeps a superset whatever Java's and Python's case mappings do; so do
+    # words longer than the substrings vocabulary() enumerates.
+    present = np.fromiter((not w.isascii() or len(w) > MAX_SUBSTRING or w.decode() in vocabulary for w in raw),
+                          dtype=bool, count=len(raw))
     keep = None
     sides = {}
     for side in ("ref", "par"):
@@ -206,7 +209,8 @@ def vocabulary(segments: list[str]) -> set[str]:
     A StringTokenizer token made only of the Normalizer's alphanumerics (and not containing its DOTMULTI escape) comes
     out unchanged, only lowercased: every rule needs a non-alphanumeric character inside the token. Any other token
     comes out as pieces, each a substring of the token after some of the Normalizer's character rewrites (quotes to '
-    and \", en dash and -- to -, dots deleted in U.S.-like words), lowercased; all such substrings are included."""
+    and \", en dash and -- to -, dots deleted in U.S.-like words), lowercased; all such substrings are included, up to
+    MAX_SUBSTRING characters (filtered() keeps every longer table word), so a long token costs linear time."""
     vocab: set[str] = set()
     for seg in segments:
         for tok in _TOKEN_SPLIT.split(seg):
@@ -222,7 +226,7 @@ def vocabulary(segments: list[str]) -> set[str]:
             bases |= {b.replace(".", "") for b in bases}
             for base in {v for b in bases for v in _lowered(b)}:
                 n = len(base)
-                vocab.update(base[i:j] for i in range(n) for j in range(i + 1, n + 1))
+                vocab.update(base[i:j] for i in range(n) for j in range(i + 1, min(n, i + MAX_SUBSTRING) + 1))
     return vocab
 
 

@@ -277,8 +277,12 @@ class Meteor:
         self._lock = threading.Lock()  # close() may come from the caller's thread while run() is in METEOR's
         self._closed = False
         if self.table is not None and hasattr(os, "mkfifo"):
-            os.mkfifo(self.table, 0o600)
-            self.proc = _start_meteor(self.table)
+            try:
+                os.mkfifo(self.table, 0o600)
+                self.proc = _start_meteor(self.table)
+            except BaseException:
+                self.close()
+                raise
 
     def run(self, tok_refs: list[list[str]], tok_hyps: list[str], timeout: float = 300.0) -> MeteorResult:
         try:

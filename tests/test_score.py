@@ -290,8 +290,9 @@ def _write_table(path: Path, entries: list[tuple[str, str]]) -> None:
 
 
 def test_filtered_table_keeps_exactly_the_matchable_entries_in_order(tmp_path):
+    long_word = "a" * (meteor_table.MAX_SUBSTRING + 1)
     entries = [("the cat", "a cat"), ("dog", "hound"), ("the  cat\t", "the feline"), ("café", "cafe"),
-               ("the cat", "a cat"), ("x", "y z"), ("a", "the"), ("Cat", "cat"), ("cat", "café bar")]
+               ("the cat", "a cat"), ("x", "y z"), ("a", "the"), ("Cat", "cat"), ("cat", "café bar"), (long_word, "a")]
     table = tmp_path / "para.gz"
     _write_table(table, entries)
     cache = tmp_path / "cache"
@@ -302,9 +303,10 @@ def test_filtered_table_keeps_exactly_the_matchable_entries_in_order(tmp_path):
     lines = gzip.open(out, "rt", encoding="utf-8").read().split("\n")
     kept = list(zip(lines[1::3], lines[2::3]))
     # all words present (non-ASCII table words count as present; phrases come back single-spaced), order and
-    # duplicates kept; "Cat" is absent: METEOR lowercases the input, never the table
-    assert kept == [("the cat", "a cat"), ("café", "cafe"), ("the cat", "a cat"), ("a", "the")] and n == 4
-    assert lines[0::3][:-1] == ["1"] * 4 and lines[-1] == ""
+    # duplicates kept; "Cat" is absent: METEOR lowercases the input, never the table; a word longer than the
+    # substrings vocabulary() lists is kept whatever the vocabulary
+    assert kept == [("the cat", "a cat"), ("café", "cafe"), ("the cat", "a cat"), ("a", "the"), (long_word, "a")]
+    assert n == 5 and lines[0::3][:-1] == ["1"] * 5 and lines[-1] == ""
 
 
 def test_paraphrase_index_is_cached_by_table_and_built_atomically(tmp_path, monkeypatch):
