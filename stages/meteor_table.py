@@ -1,5 +1,6 @@
 """METEOR 1.5's paraphrase table cut down to the entries that can match a given input, so that its JVM starts in about
 a second instead of spending ~10 s loading all 5.3 M entries of `paraphrase-en.gz`; scores are unchanged.
+Used by stages.metrics.Meteor; `python -m stages.meteor_table` builds the index ahead of the first use.
 
 Why that is exact (METEOR 1.5 source, `edu.cmu.meteor.aligner`): `ParaphraseTransducer` reads the table as three
 lines per entry (a probability it reads and discards, a phrase, its paraphrase), splits each phrase with
@@ -10,12 +11,13 @@ line of a hypothesis/reference pair and its paraphrase in the other, word for wo
 every word of both its phrases is a word of the normalised input, and matches are collected in table order. Keeping
 exactly those entries, in their original order, gives the same matches in the same order; keeping more is harmless.
 
-So the vocabulary of the input is taken from METEOR's own `Normalizer` (run from the same jar), and the table is
-filtered against it through a word-id index built once per table into a cache directory
+So `vocabulary()` computes, in Python, a superset of the words the Normalizer can produce from the input (tests check
+it against the Normalizer class of the jar itself), and the table is filtered against it through a word-id index
+built once per table into a cache directory
 (`$XDG_CACHE_HOME/lora-e2e` or `~/.cache/lora-e2e`, keyed by the table's path, size and mtime; built in a temporary
 directory and renamed into place, so a failed or concurrent build never leaves a partial index). Table words with
-non-ASCII characters are treated as always present (a superset), so that Java/Python case-mapping differences
-cannot drop an entry.
+non-ASCII characters (or longer than MAX_SUBSTRING) are treated as always present (a superset), so that Java/Python
+case-mapping differences cannot drop an entry. The probability lines are not kept (METEOR ignores them).
 """
 from __future__ import annotations
 
