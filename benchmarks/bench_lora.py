@@ -12,6 +12,9 @@ CPU, one step = forward + loss + backward + AdamW step + zero_grad on a batch of
    shared machine (other jobs on the same cores) is most of the noise. PEFT is configured as LoraConfig(r=4, lora_alpha=32, target_modules=["c_attn"],
    fan_in_fan_out=True): the whole c_attn with one A for q, k and v; ours adapts q and v with their own A and B.
    Both have 393,216 trainable parameters.
+   Because the three variants differ only in the attention input projection, [0] also times that layer alone
+   (GPT-2 Medium's c_attn, d = 1024, forward + backward of the input gradient, the same 2 × 64 tokens), with
+   hundreds of interleaved repeats: short enough that the minimum is a stable, load-free estimate.
 2. Memory: each variant runs alone in a fresh subprocess (so one variant's allocations cannot hide inside
    another's) and reports its peak resident set size (VmHWM, Linux). The peak is reset (/proc/self/clear_refs)
    after the model is built, so "train peak" is the high-water mark of the training steps alone: weights +
@@ -116,6 +119,38 @@ def compare_times(args) -> dict:
     return {"trainable": {v: count_trainable(s.model) for v, s in steppers.items()}, "wall": wall, "cpu": cpu}
 
 
+def compare_layer(args, rounds: int = 300) -> dict:
+    """Forward + backward of one c_attn (d = 1024) alone: frozen base, ours (q, v), PEFT (whole c_attn)."""
+    from transformers.pytorch_utils import Conv1D
+
+    class Attn(torch.nn.Module):  # the minimal parent PEFT and add_lora-like wrapping need
+        def __init__(self):
+            super().__init__()
+            self.c_attn = Conv1D(3 * 1024, 1024)
+
+        def forward(self, x):
+            return self.c_attn(x)
+
+    from peft import LoraConfig, get_peft_model
+    from stages.lora import LoRAConv1D
+
+    torch.manual_seed(0)
+    base = Attn().requires_grad_(False)
+    ours = copy.deepcopy(base)
+    ours.c_attn = LoRAConv1D(ours.c_attn, {"q": (0, 1024), "v": (2048, 3072)}, RANK, ALPHA, 0.0)
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["c_attn"],
+                                                          fan_in_fan_out=True))
+    models = {"base": base, "ours": ours, "peft": peft}
+    x = torch.randn(args.batch, args.seq, 1024, requires_grad=True)
+    times = {k: [] for k in models}
+    for i in range(rounds):
+        for k in list(models)[i % 3:] + list(models)[:i % 3]:
+            t0 = time.perf_counter()
+            models[k](x).sum().backward()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -135,6 +170,13 @@ def main() -> None:
     med = statistics.median
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x {args.seq} tokens, "
           f"GPT-2 Medium shape ({args.n_layer} layers), fp32 CPU, AdamW; load average {os.getloadavg()}")
+    lt = compare_layer(args)
+    print(f"\n[0] one c_attn layer (d = 1024) forward + backward, {len(lt['base'])} interleaved repeats each")
+    for k, v in lt.items():
+        print(f"  {k:5s} min {min(v) * 1e3:7.2f} ms  median {med(v) * 1e3:7.2f} ms  "
+              f"LoRA overhead (min - base min) {(min(v) - min(lt['base'])) * 1e3:5.2f} ms")
+    print(f"  ours / peft: min {min(lt['ours']) / min(lt['peft']):.3f}  "
+          f"median {med(lt['ours']) / med(lt['peft']):.3f}")
     r = compare_times(args)
     print(f"\n[1] step time, one process, interleaved (rotating order), {args.repeats} timed steps each")
     for v in VARIANTS:
@@ -142,6 +184,8 @@ def main() -> None:
         print(f"  {v:5s} trainable {r['trainable'][v]:>11,}  wall median {med(w):6.3f} s min {min(w):6.3f} s  "
               f"cpu median {med(c):6.3f} s min {min(c):6.3f} s")
     for a, b in (("ours", "peft"), ("ours", "full"), ("peft", "full")):
+        print(f"  {a} / {b}: ratio of minima wall {min(r['wall'][a]) / min(r['wall'][b]):.3f} "
+              f"cpu {min(r['cpu'][a]) / min(r['cpu'][b]):.3f}")
         paired = {k: sorted(x / y for x, y in zip(r[k][a], r[k][b])) for k in ("wall", "cpu")}
         print(f"  {a} / {b}: paired wall {med(paired['wall']):.3f} (range {paired['wall'][0]:.2f}-"
               f"{paired['wall'][-1]:.2f}), paired cpu {med(paired['cpu']):.3f}; "

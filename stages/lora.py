@@ -65,13 +65,16 @@ class LoRAConv1D(nn.Module):
         return self.scaling * (self.lora_B[t].to(dtype) @ self.lora_A[t].to(dtype)).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # (..., d_out), e.g. c_attn: (batch, seq, 3d) = [q | k | v]
-        x = self.dropout(x)
-        for t, (lo, hi) in self.blocks.items():
-            # (..., d_in) -> (..., r) -> (..., d_out_t): only the r-wide product, added in place to t's columns;
-            # no full-width, zero-padded delta is ever built. In place is safe: the base addmm's backward needs its
-            # inputs, not its output.
-            y[..., lo:hi].add_(F.linear(F.linear(x, self.lora_A[t]), self.lora_B[t]), alpha=self.scaling)
+        y = self.base(x)  # (..., d_out), e.g. c_attn: (batch, seq, 3d) = [q | k | v]; contiguous
+        y2 = y.view(-1, y.shape[-1])  # (n, d_out), n = batch · seq; a view, so writes into y2 land in y
+        x2 = self.dropout(x).reshape(-1, x.shape[-1])  # (n, d_in)
+        # All targets' down-projections in one matmul: (n, d_in) @ (d_in, T·r) -> (n, T·r). Few, larger kernels
+        # matter on CPU, where each op is a thread synchronisation.
+        u = F.linear(x2, torch.cat(list(self.lora_A.values())))
+        for i, (t, (lo, hi)) in enumerate(self.blocks.items()):
+            # y[:, lo:hi] += scaling · u_t B_tᵀ: one in-place GEMM writing only t's columns; no full-width,
+            # zero-padded delta is built. In place is safe: the base addmm's backward needs its inputs, not y.
+            y2[:, lo:hi].addmm_(u[:, i * self.rank:(i + 1) * self.rank], self.lora_B[t].T, alpha=self.scaling)
         return y
 
     def extra_repr(self) -> str:
