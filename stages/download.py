@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from stages.e2e import read_e2e_csv
+from stages.outputs import atomic_dir
 
 # The three CSVs are fetched one by one from raw.githubusercontent.com at the release tag rather than the release
 # zip: raw files are the git blobs byte for byte, so their git blob ids (below) pin the content exactly, whereas
@@ -187,54 +188,28 @@ def stage_model_hub(staging: Path, name: str, revision: str) -> None:
             raise DownloadError(f"model.safetensors: sha256 mismatch ({what}): expected {want}, got {actual}")
 
 
-def build(out: Path, fill) -> Path:
-    """Run `fill(staging_dir)` in a fresh temp sibling of `out`; return it, or remove it and re-raise on failure."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        fill(staging)
-        return staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def publish(staging: Path, out: Path) -> None:
-    """Swap a complete staging dir into place; a previous output is removed only after the new one is ready."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
+def fill_model(staging: Path, name: str, revision: str | None) -> None:
+    if revision is None:
+        stage_model_local(staging, Path(name))
     else:
-        os.replace(staging, out)
+        stage_model_hub(staging, name, revision)
+    check_safetensors(staging / "model.safetensors")
+    identity = {"name": name, "revision": revision, "model_sha256": sha256_file(staging / "model.safetensors")}
+    (staging / "identity.json").write_text(json.dumps(identity, indent=2) + "\n")
+    log(f"model: {name} sha256 {identity['model_sha256']}")
 
 
 def run(params: dict, data_out: Path, model_out: Path) -> None:
-    source = params["data_source"]
-    data = build(data_out, stage_data_github if source == "github" else lambda d: stage_data_local(d, Path(source)))
-    try:
+    # Nested: a model failure discards the finished data too, so the stage leaves both outputs or neither.
+    with atomic_dir(data_out) as data, atomic_dir(model_out) as model:
+        source = params["data_source"]
+        if source == "github":
+            stage_data_github(data)
+        else:
+            stage_data_local(data, Path(source))
         for f in sorted(data.iterdir()):  # fails on a malformed CSV now rather than in preprocess
             log(f"data: {f.name} {len(read_e2e_csv(f)):,} rows")
-        name, revision = params["model_name"], params["model_revision"]
-
-        def fill_model(staging: Path) -> None:
-            if revision is None:
-                stage_model_local(staging, Path(name))
-            else:
-                stage_model_hub(staging, name, revision)
-            check_safetensors(staging / "model.safetensors")
-            identity = {"name": name, "revision": revision, "model_sha256": sha256_file(staging / "model.safetensors")}
-            (staging / "identity.json").write_text(json.dumps(identity, indent=2) + "\n")
-            log(f"model: {name} sha256 {identity['model_sha256']}")
-
-        model = build(model_out, fill_model)
-    except BaseException:
-        shutil.rmtree(data, ignore_errors=True)
-        raise
-    # Both outputs are complete and verified: publish them together so a model failure leaves no data either.
-    publish(data, data_out)
-    publish(model, model_out)
+        fill_model(model, params["model_name"], params["model_revision"])
 
 
 def main(argv: list[str] | None = None) -> int:
