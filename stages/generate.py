@@ -22,6 +22,7 @@ from transformers import GPT2LMHeadModel
 
 from stages import lora
 from stages import params as P
+from stages import runtime
 from stages.e2e import DataError
 from stages.outputs import atomic_file, write_json
 from stages.preprocess import load_tokenizer
@@ -94,6 +95,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", required=True, help="models/<method>: training output (the base itself for base)")
     ap.add_argument("--out", required=True, help="predictions file, one line per test MR; info goes beside it")
     args = ap.parse_args(argv)
+    runtime.keep_freed_memory()
 
     cfg = read_config(P.load())
     test = read_jsonl(Path(args.data) / "test.jsonl")

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from stages.e2e import DataError, group_by_mr, read_e2e_csv, read_text
 from stages.metrics import JavaError, score
+from stages.outputs import atomic_file
 
 __all__ = ["score", "load_refs", "load_predictions", "main"]
 METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
@@ -87,17 +86,6 @@ def _load_extra(paths: list[str]) -> dict:
     return extra
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m stages.score", description=__doc__.split("\n\n")[0])
     ap.add_argument("--refs", required=True, help="E2E CSV (mr, ref) or blank-line-separated text references")
@@ -121,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text = json.dumps(result, indent=2) + "\n"
     if args.output:
-        _write_atomic(args.output, text)
+        with atomic_file(args.output) as f:
+            f.write(text)
     else:
         sys.stdout.write(text)
     return 0

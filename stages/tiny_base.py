@@ -22,6 +22,7 @@ import time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
+from stages import runtime
 from stages.e2e import DataError, read_e2e_csv
 from stages.outputs import atomic_dir
 from stages.preprocess import load_tokenizer
@@ -46,6 +47,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    runtime.keep_freed_memory()
 
     refs = [ref for _, ref in read_e2e_csv(args.train)]
     if not refs:

@@ -20,6 +20,7 @@ from transformers import GPT2LMHeadModel, Trainer, TrainingArguments
 
 from stages import lora
 from stages import params as P
+from stages import runtime
 from stages.e2e import DataError
 from stages.outputs import atomic_dir, write_json
 
@@ -102,6 +103,7 @@ def main(argv=None) -> None:
     ap.add_argument("--base", required=True, help="pretrained model directory (download output)")
     ap.add_argument("--out", required=True, help="output directory")
     args = ap.parse_args(argv)
+    runtime.keep_freed_memory()
 
     cfg = read_config(P.load(), args.method)
     data, base = Path(args.data), Path(args.base)
