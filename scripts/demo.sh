@@ -27,8 +27,13 @@ read -r -a extra <<< "${DEMO_OVERRIDES:-}"
 read -r -a base_args <<< "${DEMO_BASE_ARGS:-}"
 overrides+=("${extra[@]}")
 
+if [ -e "$ws" ] && [ ! -e "$ws/.lora-e2e-demo" ]; then
+  echo "demo: $ws exists and is not a demo workspace; refusing to delete it" >&2
+  exit 2
+fi
 rm -rf "$ws"
 mkdir -p "$ws/data"
+touch "$ws/.lora-e2e-demo"
 cp -r "$here/stages" "$here/dvc.yaml" "$here/params.yaml" "$ws/"
 cp -r "$here/data/sample" "$ws/data/sample"
 cd "$ws"
