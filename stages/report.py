@@ -108,7 +108,7 @@ def main(argv=None) -> None:
         plot_metrics(metrics, plots / "metrics.png")
         with atomic_file(args.out) as f:
             f.write("\n".join(lines))
-    print("\n".join(lines[:-5]))
+    print(f"report: {args.out}, {args.plots}/", file=sys.stderr)
 
 
 if __name__ == "__main__":
