@@ -30,22 +30,21 @@ def read_text(path: str | Path) -> str:
     return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
 
 
-def read_e2e_csv(path: str | Path, require_ref: bool = True) -> list[tuple[str, str]]:
-    """(mr, ref) rows of an E2E CSV; header case-insensitive. `require_ref=False` accepts an MR-only file."""
+def read_e2e_csv(path: str | Path) -> list[tuple[str, str]]:
+    """(mr, ref) rows of an E2E CSV; header case-insensitive, other columns ignored."""
     path = Path(path)
     reader = csv.reader(io.StringIO(read_text(path)))
     header = [h.strip().lower() for h in next(reader, [])]
-    if "mr" not in header or (require_ref and "ref" not in header):
-        want = "'mr' and 'ref' columns" if require_ref else "an 'mr' column"
-        raise DataError(f"{path}: line 1: expected a header with {want}, got {header}")
-    i_mr, i_ref = header.index("mr"), header.index("ref") if "ref" in header else None
+    if "mr" not in header or "ref" not in header:
+        raise DataError(f"{path}: line 1: expected a header with 'mr' and 'ref' columns, got {header}")
+    i_mr, i_ref = header.index("mr"), header.index("ref")
     rows = []
     for line_no, row in enumerate(reader, start=2):
         if not row:
             continue
         if len(row) != len(header):
             raise DataError(f"{path}: line {line_no}: {len(row)} fields, header has {len(header)}")
-        rows.append((row[i_mr].strip(), row[i_ref].strip() if i_ref is not None else ""))
+        rows.append((row[i_mr].strip(), row[i_ref].strip()))
     return rows
 
 

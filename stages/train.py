@@ -111,7 +111,7 @@ def main(argv=None) -> None:
 
     torch.manual_seed(cfg["seed"])  # LoRA's A init happens in build_model: seed it too
     model = build_model(base, args.method, cfg)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = lora.count_trainable(model)
 
     with tempfile.TemporaryDirectory() as scratch:  # Trainer wants an output_dir; we save nothing there
         targs = TrainingArguments(
