@@ -2,8 +2,11 @@
 
 Decoding follows the paper (Table 11, GPT-2 M on E2E): beam 10, length penalty 0.9, no repeated 4-grams, at
 most 64 new tokens. The authors' README runs gpt2_beam.py with length penalty 0.8; both are one parameter away.
-Note: their beam search applies the length penalty GNMT-style; transformers divides the summed log-probability
-by length**penalty. Same knob, slightly different ranking.
+Like gpt2_beam.py, a finished hypothesis scores sum(log p) / length**penalty and the n-gram ban looks at the
+generated text only (transformers' own `no_repeat_ngram_size` would also ban 4-grams of the MR). Remaining
+differences: gpt2_beam.py drops finished beams from the search (its beam shrinks; transformers refills to 10)
+and collects finished hypotheses for all 64 steps, which `generate.early_stopping: never` approaches at about
+twice the decoding time (`true`, the default, stops once 10 hypotheses are finished).
 
 `--method base` decodes with the pretrained model itself (no fine-tuning): the floor both methods must beat.
 LoRA is merged into the base weights before decoding (section 4.1: no added inference latency).
@@ -18,7 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import GPT2LMHeadModel, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
 from stages import lora
 from stages import params as P
@@ -36,6 +40,7 @@ def read_config(params: dict) -> dict:
         "no_repeat_ngram_size": P.number(params, "generate.no_repeat_ngram_size", kind=int, min=0),
         "max_new_tokens": P.number(params, "generate.max_new_tokens", kind=int, min=1),
         "batch_size": P.number(params, "generate.batch_size", kind=int, min=1),
+        "early_stopping": P.choice(params, "generate.early_stopping", (True, False, "never")),
     }
 
 
@@ -58,6 +63,16 @@ def run_info(method: str, model_dir: Path, seconds: float, n: int) -> dict:
     return info
 
 
+class NoRepeatNGramInOutput(LogitsProcessor):
+    """Ban a token that would repeat an n-gram of the *generated* text (columns from `prompt_len` on)."""
+
+    def __init__(self, n: int, prompt_len: int):
+        self.ban, self.prompt_len = NoRepeatNGramLogitsProcessor(n), prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.ban(input_ids[:, self.prompt_len:], scores)
+
+
 def one_line(text: str) -> str:
     """The scorers read one output per line: a generated newline would shift every later output."""
     return re.sub(r"\s+", " ", text).strip()
@@ -78,10 +93,12 @@ def generate(model, contexts: list[list[int]], cfg: dict, decode) -> list[str]:
             ids[i, width - len(c):] = torch.tensor(c)
             mask[i, width - len(c):] = 1
         ids, mask = ids.to(model.device), mask.to(model.device)
+        ban = [NoRepeatNGramInOutput(cfg["no_repeat_ngram_size"], width)] if cfg["no_repeat_ngram_size"] else []
         out = model.generate(
             input_ids=ids, attention_mask=mask, do_sample=False, num_beams=cfg["num_beams"],
-            length_penalty=cfg["length_penalty"], no_repeat_ngram_size=cfg["no_repeat_ngram_size"],
-            max_new_tokens=cfg["max_new_tokens"], eos_token_id=EOS, pad_token_id=EOS, early_stopping=True,
+            length_penalty=cfg["length_penalty"], logits_processor=LogitsProcessorList(ban),
+            max_new_tokens=cfg["max_new_tokens"], eos_token_id=EOS, pad_token_id=EOS,
+            early_stopping=cfg["early_stopping"],
         )
         outputs += [one_line(decode(row[width:].tolist())) for row in out]
     return outputs
@@ -104,7 +121,8 @@ def main(argv=None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(args.method, base, model_dir).to(device)
     start = time.perf_counter()
-    preds = generate(model, [t["context_ids"] for t in test], cfg, lambda ids: tok.decode(ids, skip_special_tokens=True))
+    contexts = [t["context_ids"] for t in test]
+    preds = generate(model, contexts, cfg, lambda ids: tok.decode(ids, skip_special_tokens=True))
     info = run_info(args.method, model_dir, time.perf_counter() - start, len(preds))
     with atomic_file(out) as f:
         f.writelines(p + "\n" for p in preds)

@@ -45,8 +45,8 @@ def number(params: dict, key: str, *, kind=float, min=None, max=None, min_inclus
     return kind(value)
 
 
-def choice(params: dict, key: str, allowed) -> str:
+def choice(params: dict, key: str, allowed):
     value = get(params, key)
-    if value not in allowed:
-        raise ParamError(f"{key} must be one of {sorted(allowed)}, got {value!r}")
+    if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):  # 1 is not True
+        raise ParamError(f"{key} must be one of {list(allowed)}, got {value!r}")
     return value

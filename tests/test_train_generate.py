@@ -90,11 +90,22 @@ def test_batched_decoding_equals_one_by_one(base_dir, tmp_path):
     model = GPT2LMHeadModel.from_pretrained(base_dir)
     mrs = ["name[Aromi]", "name[The Eagle], food[French], area[riverside]", "name[Zizzi], priceRange[cheap]"]
     contexts = [preprocess.encode_context(tok, mr, "paper") for mr in mrs]
-    cfg = dict(num_beams=3, length_penalty=0.9, no_repeat_ngram_size=4, max_new_tokens=8, batch_size=3)
+    cfg = dict(num_beams=3, length_penalty=0.9, no_repeat_ngram_size=4, max_new_tokens=8, batch_size=3,
+               early_stopping=True)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     batched = generate.generate(model, contexts, cfg, decode)
     single = generate.generate(model, contexts, {**cfg, "batch_size": 1}, decode)
     assert batched == single and len(batched) == 3
+
+
+def test_ngram_ban_covers_the_output_not_the_mr():
+    """gpt2_beam.py bans repeated 4-grams of the generated text; a 4-gram of the MR may still be generated."""
+    prompt = [1, 2, 3, 4, 9]
+    ban = generate.NoRepeatNGramInOutput(4, prompt_len=len(prompt))
+    scores = torch.zeros(1, 10)
+    assert torch.isfinite(ban(torch.tensor([prompt + [1, 2, 3]]), scores)).all()  # 1 2 3 4 is in the MR: allowed
+    banned = ban(torch.tensor([prompt + [5, 6, 7, 8, 5, 6, 7]]), scores)  # 5 6 7 8 already generated
+    assert torch.isinf(banned[0, 8]) and torch.isfinite(banned[0, :8]).all()
 
 
 def test_one_line_keeps_the_scorer_format():
@@ -110,3 +121,9 @@ def test_generate_stage_writes_one_line_per_test_mr_and_info(params_file, prepar
     assert len(out.read_text(encoding="utf-8").split("\n")) == n_mrs + 1  # n lines, each newline-terminated
     info = json.loads(out.with_suffix(".json").read_text())
     assert info["trainable_params"] == 0 and info["test_mrs"] == n_mrs
+
+
+@pytest.mark.parametrize("value", ["sometimes", 1])
+def test_early_stopping_accepts_only_true_false_never(params_file, value):
+    with pytest.raises(ParamError, match="generate.early_stopping"):
+        generate.read_config(params_file(generate__early_stopping=value))
