@@ -21,10 +21,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import yaml
-
+from stages import cli, gpt2
+from stages import params as P
+from stages.cli import InputError
 from stages.e2e import read_e2e_csv
-from stages.outputs import atomic_dir
+from stages.outputs import atomic_dir, check_writable
 
 # The three CSVs are fetched one by one from raw.githubusercontent.com at the release tag rather than the release
 # zip: raw files are the git blobs byte for byte, so their git blob ids (below) pin the content exactly, whereas
@@ -60,7 +61,7 @@ MODEL_HELP = ("set model.name in params.yaml to a local directory holding config
               "tokenizer.json")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(InputError):
     """A source is unreachable, missing or fails verification; the message names the parameter or file."""
 
 
@@ -83,14 +84,16 @@ def sha256_file(path: Path) -> str:
 
 def load_params(path: Path) -> dict:
     """The three parameters, validated before any work so a typo fails in a second, not after a 1.5 GB download."""
-    params = yaml.safe_load(Path(path).read_text()) or {}
-    source = str(params.get("data", {}).get("source", ""))
-    if source != "github" and not Path(source).is_dir():
+    params = P.load(path)
+    P.warn_unknown(params, "data", ("source",))
+    P.warn_unknown(params, "model", ("name", "revision"))
+    source = P.get(params, "data.source")
+    if not isinstance(source, str) or (source != "github" and not Path(source).is_dir()):
         raise DownloadError(f"data.source: {source!r} is neither 'github' nor an existing directory")
-    name = str(params.get("model", {}).get("name", ""))
-    revision = params.get("model", {}).get("revision")
-    if not name:
-        raise DownloadError("model.name: not set (a hub model id or a local directory)")
+    name = P.get(params, "model.name")
+    revision = params["model"].get("revision")
+    if not isinstance(name, str) or not name:
+        raise DownloadError(f"model.name: {name!r} is neither a hub model id nor a local directory")
     if Path(name).is_dir():
         revision = None  # a local directory has no hub revision; identity.json records null
     elif not (isinstance(revision, str) and _COMMIT_SHA.fullmatch(revision)):
@@ -122,6 +125,10 @@ def stage_data_github(staging: Path) -> None:
         if actual != expected:
             raise DownloadError(f"{upstream}: checksum mismatch: expected git blob id {expected}, got {actual}")
         (staging / out_name).write_bytes(data)
+        try:
+            log(f"data: {out_name} {len(read_e2e_csv(staging / out_name)):,} rows")
+        except InputError as e:  # name the URL, not the temporary file
+            raise DownloadError(str(e).replace(str(staging / out_name), url)) from None
 
 
 def stage_data_local(staging: Path, source: Path) -> None:
@@ -129,6 +136,7 @@ def stage_data_local(staging: Path, source: Path) -> None:
         found = next((source / n for n in names if (source / n).is_file()), None)
         if found is None:
             raise DownloadError(f"data.source: {source} has no {' or '.join(names)}")
+        log(f"data: {found} {len(read_e2e_csv(found)):,} rows")  # a malformed CSV fails now, naming the file
         shutil.copyfile(found, staging / out_name)
 
 
@@ -194,8 +202,12 @@ def fill_model(staging: Path, name: str, revision: str | None) -> None:
     else:
         stage_model_hub(staging, name, revision)
     check_safetensors(staging / "model.safetensors")
+    try:  # every weight loads and is finite, and config.json is a GPT-2 config: checked before publishing
+        gpt2.load_model(staging)
+    except InputError as e:
+        raise DownloadError(f"model.name: {name}: {str(e).replace(str(staging), 'the model')}") from None
     identity = {"name": name, "revision": revision, "model_sha256": sha256_file(staging / "model.safetensors")}
-    (staging / "identity.json").write_text(json.dumps(identity, indent=2) + "\n")
+    (staging / "identity.json").write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
     log(f"model: {name} sha256 {identity['model_sha256']}")
 
 
@@ -207,8 +219,6 @@ def run(params: dict, data_out: Path, model_out: Path) -> None:
             stage_data_github(data)
         else:
             stage_data_local(data, Path(source))
-        for f in sorted(data.iterdir()):  # fails on a malformed CSV now rather than in preprocess
-            log(f"data: {f.name} {len(read_e2e_csv(f)):,} rows")
         fill_model(model, params["model_name"], params["model_revision"])
 
 
@@ -218,13 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-out", type=Path, required=True, help="directory for the base model and identity.json")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
-    try:
-        run(load_params(args.params), args.data_out, args.model_out)
-    except DownloadError as e:
-        print(f"download: error: {e}", file=sys.stderr)
-        return 1
+    params = load_params(args.params)
+    for path in (args.data_out, args.model_out):
+        check_writable(path)
+    run(params, args.data_out, args.model_out)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run("download", main))

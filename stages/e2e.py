@@ -10,11 +10,13 @@ import io
 import re
 from pathlib import Path
 
-# One MR slot: `key[value]`. Values may contain spaces and punctuation but no brackets.
-_SLOT = re.compile(r"\s*([A-Za-z][A-Za-z ]*?)\[([^\[\]]*)\]\s*")
+from stages.cli import InputError
+
+# One MR slot: `key[value]`, key letters and spaces, value anything but brackets; slots separated by commas.
+_SLOT = re.compile(r"\s*([A-Za-z][A-Za-z ]*?)\s*\[([^\[\]]*)\]\s*")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad input data; the message names the file and line."""
 
 
@@ -49,15 +51,30 @@ def read_e2e_csv(path: str | Path) -> list[tuple[str, str]]:
 
 
 def parse_mr(mr: str) -> list[tuple[str, str]]:
-    """`name[The Eagle], food[French]` -> [("name", "The Eagle"), ("food", "French")]; DataError if malformed."""
-    slots = []
-    for part in mr.split("],"):
-        part = part if part.endswith("]") else part + "]"
-        m = _SLOT.fullmatch(part)
+    """`name[The Eagle], food[French]` -> [("name", "The Eagle"), ("food", "French")].
+
+    Strict: unbalanced brackets, an empty key or value, text outside `key[value]` or a repeated key is a
+    ValueError, never repaired (a repaired MR would train and score on something the data does not say).
+    """
+    slots, pos = [], 0
+    while True:
+        m = _SLOT.match(mr, pos)
         if not m:
-            raise ValueError(f"malformed MR slot {part.strip()!r} in {mr!r} (expected key[value])")
-        slots.append((m.group(1).strip(), m.group(2).strip()))
-    return slots
+            rest = mr[pos:].strip()
+            at = f"at {rest[:40]!r}" if rest else "at the end"
+            raise ValueError(f"malformed MR {mr!r}: expected key[value] {at}")
+        key, value = m.group(1).strip(), m.group(2).strip()
+        if not value:
+            raise ValueError(f"malformed MR {mr!r}: empty value for {key!r}")
+        if any(key == k for k, _ in slots):
+            raise ValueError(f"malformed MR {mr!r}: {key!r} appears twice")
+        slots.append((key, value))
+        pos = m.end()
+        if pos == len(mr):
+            return slots
+        if mr[pos] != ",":
+            raise ValueError(f"malformed MR {mr!r}: expected ',' between slots at {mr[pos:pos + 40]!r}")
+        pos += 1
 
 
 def group_by_mr(rows: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:

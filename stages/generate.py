@@ -20,20 +20,23 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import torch
 from transformers import GPT2LMHeadModel, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
-from stages import lora
+from stages import cli, gpt2, lora
 from stages import params as P
 from stages import runtime
-from stages.e2e import DataError
-from stages.outputs import atomic_file, write_json
-from stages.preprocess import load_tokenizer
-from stages.train import EOS, base_identity, read_jsonl
+from stages.cli import InputError
+from stages.gpt2 import EOS
+from stages.outputs import atomic_file, check_writable, write_json
+
+KNOWN = ("num_beams", "length_penalty", "no_repeat_ngram_size", "max_new_tokens", "batch_size", "early_stopping")
 
 
 def read_config(params: dict) -> dict:
+    P.warn_unknown(params, "generate", KNOWN)
     return {
         "num_beams": P.number(params, "generate.num_beams", kind=int, min=1),
         "length_penalty": P.number(params, "generate.length_penalty"),
@@ -45,21 +48,30 @@ def read_config(params: dict) -> dict:
 
 
 def load_model(method: str, base: Path, model_dir: Path) -> GPT2LMHeadModel:
+    """The model to decode with, every weight checked finite (a NaN model would write garbage and exit 0)."""
     if method == "full":
-        return GPT2LMHeadModel.from_pretrained(model_dir, use_safetensors=True)
-    model = GPT2LMHeadModel.from_pretrained(base, use_safetensors=True)
+        return gpt2.load_model(model_dir)
+    model = gpt2.load_model(base)
     if method == "lora":
-        lora.load_adapter(model, model_dir / "adapter.safetensors", base=base_identity(base))
+        path = model_dir / "adapter.safetensors"
+        try:
+            lora.load_adapter(model, path, base=gpt2.base_identity(base))
+        except (FileNotFoundError, ValueError, TypeError) as e:
+            raise InputError(f"{path}: {e}") from None
+        gpt2.check_finite(model, str(path))
         model = lora.merge_lora(model)
     return model
 
 
-def run_info(method: str, model_dir: Path, seconds: float, n: int) -> dict:
-    """What the score stage adds to the metrics: the training run's cost, and decoding time."""
-    info = {"trainable_params": 0, "generate_time_s": round(seconds, 1), "test_mrs": n}  # base: nothing trained
+def run_info(method: str, model_dir: Path, n: int) -> dict:
+    """What the score stage adds to the metrics: what was trained (deterministic: timings go to --costs)."""
+    info = {"trainable_params": 0, "test_mrs": n}  # base: nothing trained
     if method != "base":
-        info.update(json.loads((model_dir / "train_info.json").read_text()))
-        info.pop("method", None)
+        path = model_dir / "train_info.json"
+        try:
+            info["trainable_params"] = int(json.loads(path.read_text())["trainable_params"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{path}: cannot read trainable_params ({e})") from None
     return info
 
 
@@ -104,35 +116,44 @@ def generate(model, contexts: list[list[int]], cfg: dict, decode) -> list[str]:
     return outputs
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", choices=("base", "lora", "full"), required=True)
-    ap.add_argument("--data", required=True, help="preprocess output (test.jsonl)")
+    ap.add_argument("--data", required=True, help="preprocess output (Arrow dataset test/)")
     ap.add_argument("--base", required=True, help="pretrained model directory (download output)")
     ap.add_argument("--model", required=True, help="models/<method>: training output (the base itself for base)")
     ap.add_argument("--out", required=True, help="predictions file, one line per test MR; info goes beside it")
+    ap.add_argument("--costs", required=True, help="metrics file for decoding time and throughput")
     args = ap.parse_args(argv)
     runtime.keep_freed_memory()
+    datasets.disable_progress_bars()
 
     cfg = read_config(P.load())
-    test = read_jsonl(Path(args.data) / "test.jsonl")
     base, model_dir, out = Path(args.base), Path(args.model), Path(args.out)
-    tok = load_tokenizer(base / "tokenizer.json")
+    for path in (out, args.costs):
+        check_writable(path)
+    try:
+        test = datasets.load_from_disk(str(Path(args.data) / "test"))
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(f"{Path(args.data) / 'test'}: not a preprocess output ({e})") from None
+    contexts = test["context_ids"]
+    tok = gpt2.load_tokenizer(base / "tokenizer.json")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(args.method, base, model_dir).to(device)
+    longest = max(len(c) for c in contexts)
+    gpt2.check_fits(model, longest + cfg["max_new_tokens"],
+                    f"longest test context ({longest}) + generate.max_new_tokens ({cfg['max_new_tokens']})")
     start = time.perf_counter()
-    contexts = [t["context_ids"] for t in test]
     preds = generate(model, contexts, cfg, lambda ids: tok.decode(ids, skip_special_tokens=True))
-    info = run_info(args.method, model_dir, time.perf_counter() - start, len(preds))
+    seconds = time.perf_counter() - start
     with atomic_file(out) as f:
         f.writelines(p + "\n" for p in preds)
-    write_json(out.with_suffix(".json"), info)
+    write_json(out.with_suffix(".json"), run_info(args.method, model_dir, len(preds)))
+    write_json(args.costs, {"generate_time_s": round(seconds, 1), "outputs_per_s": round(len(preds) / seconds, 3)})
     empty = sum(not p for p in preds)
     print(f"generate-{args.method}: {len(preds)} outputs ({empty} empty) -> {out}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DataError, P.ParamError, ValueError) as e:
-        sys.exit(f"generate: error: {e}")
+    sys.exit(cli.run("generate", main))

@@ -20,6 +20,7 @@ wrapped base layer moves to `...attn.c_attn.base` until `merge_lora` puts the or
 """
 from __future__ import annotations
 
+import json
 import math
 from numbers import Real
 from pathlib import Path
@@ -32,7 +33,8 @@ from transformers.pytorch_utils import Conv1D
 
 TARGETS = ("q", "k", "v", "o")  # canonical order; q, k, v live in attn.c_attn, o is attn.c_proj
 FORMAT = "lora-e2e-adapter"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: all metadata as sorted JSON under META_KEY (byte-identical files)
+META_KEY = "lora_e2e"
 
 
 class LoRAConv1D(nn.Module):
@@ -98,7 +100,8 @@ def _lora_layers(model: nn.Module) -> dict[str, LoRAConv1D]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRAConv1D)}
 
 
-def _check_args(rank, alpha, dropout, targets) -> tuple[str, ...]:
+def check_args(rank, alpha, dropout, targets) -> tuple[str, ...]:
+    """Validate LoRA's settings (TypeError/ValueError naming the argument); targets in canonical order."""
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"rank: expected an int, got {type(rank).__name__} {rank!r}")
     if rank <= 0:
@@ -124,7 +127,7 @@ def _check_args(rank, alpha, dropout, targets) -> tuple[str, ...]:
 def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
              targets: tuple[str, ...] = ("q", "v")) -> nn.Module:
     """Freeze `model` and add LoRA to the `targets` (subset of q, k, v, o) of every attention block, in place."""
-    targets = _check_args(rank, alpha, dropout, targets)
+    targets = check_args(rank, alpha, dropout, targets)
     blocks = _attention_blocks(model)
     if _lora_layers(model):
         raise ValueError("model: LoRA is already added; merge_lora it first or use a fresh model")
@@ -196,7 +199,9 @@ def save_adapter(model: nn.Module, path: str | Path, base: str) -> None:
             "alpha": repr(cfg["alpha"]), "dropout": repr(cfg["dropout"]), "targets": ",".join(cfg["targets"]),
             "base": base}
     tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
-    save_file(tensors, str(path), metadata=meta)
+    # safetensors writes metadata from a Rust HashMap, in a different order in every process: one key holding
+    # sorted JSON keeps the file's bytes (and so DVC's hash of models/lora) identical for identical weights.
+    save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
 
 
 def load_adapter(model: nn.Module, path: str | Path, base: str | None = None) -> nn.Module:
@@ -208,7 +213,12 @@ def load_adapter(model: nn.Module, path: str | Path, base: str | None = None) ->
     if not path.is_file():
         raise FileNotFoundError(f"path: no adapter file at {path}")
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+        raw = (f.metadata() or {}).get(META_KEY, "{}")
+    try:
+        meta = json.loads(raw)
+        assert isinstance(meta, dict)
+    except (ValueError, AssertionError):
+        raise ValueError(f"{path}: bad adapter metadata (not a JSON object): {raw[:80]!r}") from None
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format is {meta.get('format')!r} version {meta.get('format_version')!r}, "
                          f"expected {FORMAT!r} version {FORMAT_VERSION!r}")

@@ -8,6 +8,25 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from stages.cli import InputError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_writable(path: str | Path, what: str = "output") -> None:
+    """Fail in a second, not after an hour of training: `path`'s directory must exist (or be creatable) and be
+    writable, since outputs are built in a sibling and renamed into place."""
+    parent = Path(path).absolute().parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise InputError(f"{path}: cannot create the {what} here ({existing} is not a directory)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: cannot write the {what} here ({existing} is not writable)")
+
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
@@ -15,6 +34,7 @@ def atomic_dir(path: str | Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs get the user's normal modes
     try:
         yield tmp
         if path.exists():
@@ -30,6 +50,7 @@ def atomic_file(path: str | Path, mode: str = "w"):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f

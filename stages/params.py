@@ -5,12 +5,17 @@ params.yaml) is obvious.
 """
 from __future__ import annotations
 
+import math
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
 
+from stages.cli import InputError
 
-class ParamError(ValueError):
+
+class ParamError(InputError):
     """A parameter has a value the pipeline cannot use; the message names it."""
 
 
@@ -18,8 +23,33 @@ def load(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     if not path.is_file():
         raise ParamError(f"{path}: no such file (run the stage from the project root)")
-    with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            params = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ParamError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError:
+        raise ParamError(f"{path}: not UTF-8") from None
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise ParamError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
+    return params
+
+
+def warn_unknown(params: dict, section: str, known: Iterable[str]) -> list[str]:
+    """Warn (stderr) about keys of `section` that no stage reads: `lora.rnak=8` would otherwise do nothing."""
+    node = params.get(section)
+    if not isinstance(node, dict):
+        return []
+    known = set(known)
+    unknown = sorted(k for k in node if k not in known)
+    for k in unknown:
+        print(f"warning: params.yaml: unknown parameter {section}.{k} is ignored "
+              f"(known in {section}: {', '.join(sorted(known))})", file=sys.stderr)
+    return unknown
 
 
 def get(params: dict, key: str):
@@ -33,11 +63,13 @@ def get(params: dict, key: str):
 
 
 def number(params: dict, key: str, *, kind=float, min=None, max=None, min_inclusive=True, max_inclusive=True):
-    """A validated number: right type (bools refused) and within [min, max] (bounds optional)."""
+    """A validated finite number: right type (bools refused) and within [min, max] (bounds optional)."""
     value = get(params, key)
     ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
         raise ParamError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if not math.isfinite(value):  # nan passes every comparison below; inf overflows step counts
+        raise ParamError(f"{key} must be a finite number, got {value!r}")
     if min is not None and (value < min or (value == min and not min_inclusive)):
         raise ParamError(f"{key} must be {'>=' if min_inclusive else '>'} {min}, got {value!r}")
     if max is not None and (value > max or (value == max and not max_inclusive)):

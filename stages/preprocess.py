@@ -10,37 +10,34 @@ The loss covers the completion and its EOS only (context masked, paper section 5
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerFast
+import datasets
 
+from stages import cli
 from stages import params as P
 from stages.e2e import DataError, group_by_mr, parse_mr, read_e2e_csv
-from stages.outputs import atomic_dir
+from stages.gpt2 import load_tokenizer
+from stages.outputs import atomic_dir, check_writable
 
 FORMATS = ("paper", "equals")
 SPLITS = {"train": "train.csv", "validation": "dev.csv"}
+KNOWN = ("format", "max_length")
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """GPT-2's byte-level BPE from a tokenizer.json; <|endoftext|> (50256) is both EOS and separator."""
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|endoftext|>")
-    tok.pad_token = tok.eos_token
-    return tok
-
-
-def encode_context(tok, mr: str, fmt: str) -> list[int]:
+def encode_contexts(tok, mrs: list[str], fmt: str) -> list[list[int]]:
     if fmt == "paper":
-        return tok.encode(mr) + [tok.eos_token_id]
-    return tok.encode(mr + " =")
+        return [ids + [tok.eos_token_id] for ids in tok(mrs)["input_ids"]]
+    return tok([mr + " =" for mr in mrs])["input_ids"]
 
 
-def encode_example(tok, mr: str, ref: str, fmt: str) -> dict:
-    context = encode_context(tok, mr, fmt)
-    completion = tok.encode(" " + ref) + [tok.eos_token_id]
-    return {"input_ids": context + completion, "n_context": len(context)}
+def encode_batch(batch: dict, tok, fmt: str) -> dict:
+    """A datasets.map batch of (mr, ref) -> input_ids (context + " " ref + EOS) and n_context."""
+    contexts = encode_contexts(tok, batch["mr"], fmt)
+    completions = tok([" " + ref for ref in batch["ref"]])["input_ids"]
+    return {"input_ids": [c + r + [tok.eos_token_id] for c, r in zip(contexts, completions)],
+            "n_context": [len(c) for c in contexts]}
 
 
 def check_rows(rows: list[tuple[str, str]], path: Path, need_ref: bool = True) -> None:
@@ -57,23 +54,34 @@ def check_rows(rows: list[tuple[str, str]], path: Path, need_ref: bool = True) -
             raise DataError(f"{where}: empty reference")
 
 
-def check_length(example: dict, max_length: int, path: Path, row: int) -> None:
-    n = len(example["input_ids"])
-    if n > max_length:
-        raise DataError(f"{path}: data row {row}: {n} tokens > preprocess.max_length={max_length}; "
-                        "raise it rather than truncate (truncation would cut the EOS the model must learn)")
+def check_lengths(lengths: list[int], max_length: int, path: Path, what: str = "data row") -> None:
+    for row, n in enumerate(lengths, start=1):
+        if n > max_length:
+            raise DataError(f"{path}: {what} {row}: {n} tokens > preprocess.max_length={max_length}; raise it "
+                            "rather than truncate (truncation would cut the EOS the model must learn)")
 
 
-def main(argv=None) -> None:
+def encode_split(rows: list[tuple[str, str]], tok, fmt: str) -> datasets.Dataset:
+    table = datasets.Dataset.from_dict({"mr": [r[0] for r in rows], "ref": [r[1] for r in rows]})
+    # Batched: the tokenizers library encodes a whole batch in Rust. DVC caches the stage's output, so the
+    # datasets library's own cache (for file-backed datasets) is not needed: this one lives in memory.
+    return table.map(encode_batch, batched=True, batch_size=1000, fn_kwargs={"tok": tok, "fmt": fmt},
+                     remove_columns=["mr", "ref"], new_fingerprint=f"encode-{fmt}")
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--raw", required=True, help="directory with train.csv, dev.csv, test.csv")
     ap.add_argument("--tokenizer", required=True, help="tokenizer.json of the base model")
-    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--out", required=True, help="output directory (Arrow datasets train/, validation/, test/)")
     args = ap.parse_args(argv)
+    datasets.disable_progress_bars()
 
     params = P.load()
+    P.warn_unknown(params, "preprocess", KNOWN)
     fmt = P.choice(params, "preprocess.format", FORMATS)
     max_length = P.number(params, "preprocess.max_length", kind=int, min=8)
+    check_writable(args.out)
 
     raw = Path(args.raw)
     # Read and validate everything before writing anything.
@@ -85,26 +93,24 @@ def main(argv=None) -> None:
 
     tok = load_tokenizer(args.tokenizer)
     encoded = {}
-    for split in SPLITS:
-        path = raw / SPLITS[split]
-        encoded[split] = [encode_example(tok, mr, ref, fmt) for mr, ref in splits[split]]
-        for i, ex in enumerate(encoded[split], start=1):
-            check_length(ex, max_length, path, i)
-    test = [{"mr": mr, "refs": refs, "context_ids": encode_context(tok, mr, fmt)}
-            for mr, refs in group_by_mr(splits["test"])]
+    for split, name in SPLITS.items():
+        encoded[split] = encode_split(splits[split], tok, fmt)
+        check_lengths([len(ids) for ids in encoded[split]["input_ids"]], max_length, raw / name)
+    groups = group_by_mr(splits["test"])
+    contexts = encode_contexts(tok, [mr for mr, _ in groups], fmt)
+    # A test context longer than max_length would only fail in generate, after training: fail here.
+    check_lengths([len(c) for c in contexts], max_length, raw / "test.csv", what="test MR")
+    encoded["test"] = datasets.Dataset.from_dict(
+        {"mr": [mr for mr, _ in groups], "refs": [refs for _, refs in groups], "context_ids": contexts})
 
     with atomic_dir(args.out) as out:
-        for split, examples in {**encoded, "test": test}.items():
-            with open(out / f"{split}.jsonl", "w", encoding="utf-8") as f:
-                for ex in examples:
-                    f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+        for split, table in encoded.items():
+            table.save_to_disk(str(out / split))
     counts = {s: len(v) for s, v in encoded.items()}
     print(f"preprocess: format={fmt}, {counts['train']} train / {counts['validation']} validation examples, "
-          f"{len(test)} test MRs ({len(splits['test'])} references) -> {args.out}", file=sys.stderr)
+          f"{counts['test']} test MRs ({len(splits['test'])} references) -> {args.out}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DataError, P.ParamError) as e:
-        sys.exit(f"preprocess: error: {e}")
+    sys.exit(cli.run("preprocess", main))

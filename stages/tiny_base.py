@@ -25,8 +25,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 from stages import runtime
 from stages.e2e import DataError, read_e2e_csv
 from stages.outputs import atomic_dir
-from stages.preprocess import load_tokenizer
-from stages.train import EOS, collate
+from stages.gpt2 import EOS, collate, load_tokenizer
 
 
 def lm_examples(refs: list[str], tok) -> list[dict]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import download
+from stages import cli, download
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -59,7 +59,7 @@ def run_stage(tmp_path, data_source, model_name, revision=REVISION) -> int:
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"data": {"source": str(data_source)},
                                       "model": {"name": str(model_name), "revision": revision}}))
-    return download.main(["--data-out", str(tmp_path / "out/data/raw"), "--model-out",
+    return cli.run("download", download.main, ["--data-out", str(tmp_path / "out/data/raw"), "--model-out",
                           str(tmp_path / "out/models/pretrained"), "--params", str(params)])
 
 
@@ -124,14 +124,14 @@ def test_local_data_accepts_short_names(tmp_path, csv_dir, tiny_model):
 
 
 def test_missing_data_dir_names_param(tmp_path, tiny_model, capsys):
-    assert run_stage(tmp_path, tmp_path / "nowhere", tiny_model) == 1
+    assert run_stage(tmp_path, tmp_path / "nowhere", tiny_model) == 2
     assert "data.source" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # validated before any work
 
 
 def test_missing_data_file_names_param_and_file(tmp_path, csv_dir, tiny_model, capsys):
     (csv_dir / "devset.csv").unlink()
-    assert run_stage(tmp_path, csv_dir, tiny_model) == 1
+    assert run_stage(tmp_path, csv_dir, tiny_model) == 2
     err = capsys.readouterr().err
     assert "data.source" in err and "devset.csv" in err and str(csv_dir) in err
     assert leftovers(tmp_path) == []
@@ -156,7 +156,7 @@ def test_github_source_from_mirror(tmp_path, github_mirror, tiny_model):
 def test_github_checksum_mismatch_names_file_and_hashes(tmp_path, github_mirror, tiny_model, capsys):
     corrupted = CSV["devset.csv"].replace("Italian", "Italain").encode()
     github_mirror["/devset.csv"] = (corrupted, {})
-    assert run_stage(tmp_path, "github", tiny_model) == 1
+    assert run_stage(tmp_path, "github", tiny_model) == 2
     err = capsys.readouterr().err
     assert "devset.csv" in err
     assert download.E2E_BLOB_IDS["devset.csv"] in err and download.git_blob_id(corrupted) in err
@@ -165,7 +165,7 @@ def test_github_checksum_mismatch_names_file_and_hashes(tmp_path, github_mirror,
 
 def test_github_offline_names_data_source(tmp_path, monkeypatch, tiny_model, capsys):
     monkeypatch.setattr(download, "E2E_URL", closed_port_url() + "/{name}")
-    assert run_stage(tmp_path, "github", tiny_model) == 1
+    assert run_stage(tmp_path, "github", tiny_model) == 2
     err = capsys.readouterr().err
     assert "could not reach github.com" in err and "set data.source" in err
     assert leftovers(tmp_path) == []
@@ -185,13 +185,13 @@ def test_git_blob_id_matches_git():
 # --- parameters -----------------------------------------------------------------------------------------------------
 
 def test_unknown_data_source_rejected(tmp_path, tiny_model, capsys):
-    assert run_stage(tmp_path, "gitlab", tiny_model) == 1
+    assert run_stage(tmp_path, "gitlab", tiny_model) == 2
     assert "data.source" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("revision", ["main", "v1.0", "6dcaa7a", None, "G" * 40])
 def test_hub_revision_must_be_commit_sha(tmp_path, csv_dir, revision, capsys):
-    assert run_stage(tmp_path, csv_dir, "openai-community/gpt2-medium", revision) == 1
+    assert run_stage(tmp_path, csv_dir, "openai-community/gpt2-medium", revision) == 2
     assert "model.revision" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -214,7 +214,7 @@ def test_local_model_missing_weights(tmp_path, csv_dir, tiny_model, capsys):
     partial.mkdir()
     for name in ("config.json", "tokenizer.json"):
         (partial / name).write_bytes((tiny_model / name).read_bytes())
-    assert run_stage(tmp_path, csv_dir, partial) == 1
+    assert run_stage(tmp_path, csv_dir, partial) == 2
     err = capsys.readouterr().err
     assert "model.name" in err and "model.safetensors" in err
     assert leftovers(tmp_path) == []  # the data output, already built, is not published either
@@ -226,7 +226,7 @@ def test_local_model_rejects_non_safetensors(tmp_path, csv_dir, tiny_model, caps
     for name in download.MODEL_FILES:
         (bad / name).write_bytes((tiny_model / name).read_bytes())
     (bad / "model.safetensors").write_bytes(b"<html>not found</html>")
-    assert run_stage(tmp_path, csv_dir, bad) == 1
+    assert run_stage(tmp_path, csv_dir, bad) == 2
     assert "not a safetensors file" in capsys.readouterr().err
     assert leftovers(tmp_path) == []
 
@@ -272,7 +272,7 @@ def test_hub_sha256_mismatch(tmp_path, csv_dir, tiny_model, fake_hub, capsys):
     key = f"/org/tiny/resolve/{REVISION}/model.safetensors"
     body, headers = fake_hub[key]
     fake_hub[key] = (body, {**headers, "ETag": f'"{"0" * 64}"'})
-    assert run_stage(tmp_path, csv_dir, "org/tiny") == 1
+    assert run_stage(tmp_path, csv_dir, "org/tiny") == 2
     err = capsys.readouterr().err
     assert "model.safetensors" in err and "0" * 64 in err and sha256(body) in err
     assert leftovers(tmp_path) == []
@@ -280,7 +280,7 @@ def test_hub_sha256_mismatch(tmp_path, csv_dir, tiny_model, fake_hub, capsys):
 
 def test_hub_pinned_sha256_mismatch(tmp_path, csv_dir, fake_hub, monkeypatch, capsys):
     monkeypatch.setattr(download, "KNOWN_MODEL_SHA256", {("org/tiny", REVISION): "f" * 64})
-    assert run_stage(tmp_path, csv_dir, "org/tiny") == 1
+    assert run_stage(tmp_path, csv_dir, "org/tiny") == 2
     err = capsys.readouterr().err
     assert "pinned" in err and "f" * 64 in err
     assert leftovers(tmp_path) == []
@@ -288,7 +288,7 @@ def test_hub_pinned_sha256_mismatch(tmp_path, csv_dir, fake_hub, monkeypatch, ca
 
 def test_hub_offline_names_model_name(tmp_path, csv_dir, monkeypatch, capsys):
     monkeypatch.setattr(download, "HF_ENDPOINT", closed_port_url())
-    assert run_stage(tmp_path, csv_dir, "org/tiny") == 1
+    assert run_stage(tmp_path, csv_dir, "org/tiny") == 2
     err = capsys.readouterr().err
     assert "could not reach the Hugging Face hub" in err and "set model.name" in err
     assert leftovers(tmp_path) == []
@@ -297,7 +297,7 @@ def test_hub_offline_names_model_name(tmp_path, csv_dir, monkeypatch, capsys):
 @pytest.mark.parametrize("missing", ["model.safetensors", "tokenizer.json"])  # the HEAD call / hf_hub_download
 def test_hub_unknown_file_is_not_reported_as_offline(tmp_path, csv_dir, fake_hub, missing, capsys):
     del fake_hub[f"/org/tiny/resolve/{REVISION}/{missing}"]
-    assert run_stage(tmp_path, csv_dir, "org/tiny") == 1
+    assert run_stage(tmp_path, csv_dir, "org/tiny") == 2
     err = capsys.readouterr().err
     assert "hub refused" in err and "could not reach" not in err
     assert leftovers(tmp_path) == []

@@ -5,8 +5,13 @@ Invariants first (what makes the adapter trustworthy), then the API around it. T
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +22,7 @@ from transformers.pytorch_utils import Conv1D
 from stages.lora import (LoRAConv1D, add_lora, count_trainable, load_adapter, lora_config, lora_state_dict,
                          merge_lora, save_adapter)
 
+ROOT = Path(__file__).resolve().parents[1]
 D, LAYERS, RANK = 32, 2, 4
 TARGET_SETS = [("q", "v"), ("k",), ("o",), ("q", "k", "v", "o")]
 BLOCK = {"q": 0, "k": 1, "v": 2}  # column block of c_attn's (d, 3d) weight: [q | k | v]
@@ -270,10 +276,27 @@ def test_adapter_file_is_safetensors_with_settings_metadata(base, tmp_path):
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    assert {k: meta[k] for k in ("rank", "alpha", "dropout", "targets", "base", "format_version")} == {
+    assert list(meta) == ["lora_e2e"]  # one key: safetensors writes several in a random order
+    settings = json.loads(meta["lora_e2e"])
+    assert {k: settings[k] for k in ("rank", "alpha", "dropout", "targets", "base", "format_version")} == {
         "rank": "4", "alpha": "32.0", "dropout": "0.1", "targets": "q,v", "base": "gpt2-medium",
-        "format_version": "1"}
+        "format_version": "2"}
     assert load_file(str(path)).keys() == lora_state_dict(adapted).keys()
+
+
+def test_adapter_file_bytes_are_identical_across_processes(base, tmp_path):
+    """DVC hashes models/lora: the same weights must give the same bytes, in any process (metadata order)."""
+    path = tmp_path / "a.safetensors"
+    save_adapter(add_lora(copy.deepcopy(base), rank=RANK, alpha=32, targets=("q", "k", "v", "o")), path, base="b")
+    code = ("import sys, torch; from transformers import GPT2LMHeadModel; from stages import lora; "
+            "from tests.test_lora import tiny_config; m = GPT2LMHeadModel(tiny_config()); "
+            "lora.load_adapter(m, sys.argv[1]); lora.save_adapter(m, sys.argv[2], base='b')")
+    digests = set()
+    for i in range(3):
+        out = tmp_path / f"again{i}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(path), str(out)], check=True, cwd=ROOT)
+        digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert digests == {hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
 # ---------------------------------------------------------------- arguments and models

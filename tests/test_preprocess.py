@@ -1,15 +1,16 @@
 """preprocess: the training format, the masks that decide what is learned, the test set by MR, bad input."""
 from __future__ import annotations
 
-import json
+import hashlib
 
+import datasets
 import pytest
 
 from conftest import TOKENIZER, write_csv
 from stages import preprocess
 from stages.e2e import DataError, group_by_mr, read_e2e_csv
+from stages.gpt2 import EOS, collate, load_tokenizer
 from stages.params import ParamError
-from stages.train import EOS, collate
 
 MR = "name[The Eagle], eatType[coffee shop], food[French]"
 REF = "The Eagle is a French coffee shop."
@@ -17,11 +18,16 @@ REF = "The Eagle is a French coffee shop."
 
 @pytest.fixture(scope="module")
 def tok():
-    return preprocess.load_tokenizer(TOKENIZER)
+    return load_tokenizer(TOKENIZER)
+
+
+def encode_example(tok, mr, ref, fmt):
+    batch = preprocess.encode_batch({"mr": [mr], "ref": [ref]}, tok, fmt)
+    return {"input_ids": batch["input_ids"][0], "n_context": batch["n_context"][0]}
 
 
 def test_paper_format_is_mr_separator_completion_eos(tok):
-    ex = preprocess.encode_example(tok, MR, REF, "paper")
+    ex = encode_example(tok, MR, REF, "paper")
     ids, c = ex["input_ids"], ex["n_context"]
     assert ids[:c] == tok.encode(MR) + [EOS]  # gpt2_encode.py --add_bos: the separator follows the context
     assert ids[c:] == tok.encode(" " + REF) + [EOS]
@@ -29,14 +35,14 @@ def test_paper_format_is_mr_separator_completion_eos(tok):
 
 
 def test_equals_format(tok):
-    ex = preprocess.encode_example(tok, MR, REF, "equals")
+    ex = encode_example(tok, MR, REF, "equals")
     assert tok.decode(ex["input_ids"][:ex["n_context"]]) == MR + " ="
     assert ex["input_ids"][-1] == EOS
 
 
 def test_labels_mask_context_and_padding_but_keep_eos(tok):
-    short = preprocess.encode_example(tok, MR, "Cheap.", "paper")
-    long = preprocess.encode_example(tok, MR, REF, "paper")
+    short = encode_example(tok, MR, "Cheap.", "paper")
+    long = encode_example(tok, MR, REF, "paper")
     batch = collate([short, long])
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     n, c = len(short["input_ids"]), short["n_context"]
@@ -60,17 +66,27 @@ def run(raw, tmp_path):
 
 
 def read(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return datasets.load_from_disk(str(path)).to_list()
 
 
 def test_stage_writes_train_validation_and_test_by_mr(params_file, raw_dir, tmp_path):
     out = run(raw_dir, tmp_path)
-    train = read(out / "train.jsonl")
-    assert len(train) == len(read_e2e_csv(raw_dir / "train.csv"))
-    test = read(out / "test.jsonl")
+    train = read(out / "train")
+    rows = read_e2e_csv(raw_dir / "train.csv")
+    assert [(t["input_ids"], t["n_context"]) for t in train] == [
+        tuple(encode_example(load_tokenizer(TOKENIZER), mr, ref, "paper").values()) for mr, ref in rows]
+    test = read(out / "test")
     groups = group_by_mr(read_e2e_csv(raw_dir / "test.csv"))
     assert [(t["mr"], t["refs"]) for t in test] == groups
     assert all(t["context_ids"][-1] == EOS for t in test)
+
+
+def test_stage_output_is_byte_identical_across_runs(params_file, raw_dir, tmp_path):
+    def digests(out):
+        return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(out.rglob("*")) if p.is_file()}
+    first = digests(run(raw_dir, tmp_path))
+    assert first and digests(run(raw_dir, tmp_path / "again")) == first
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -100,6 +116,15 @@ def test_bad_input_is_an_error_naming_the_file_and_leaves_no_output(params_file,
 def test_too_long_example_is_an_error_not_a_truncation(params_file, raw_dir, tmp_path):
     params_file(preprocess__max_length=16)
     with pytest.raises(DataError, match="preprocess.max_length=16"):
+        run(raw_dir, tmp_path)
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_too_long_test_mr_is_an_error_in_preprocess(params_file, raw_dir, tmp_path):
+    """Caught here, not as an IndexError in generate after training."""
+    write_csv(raw_dir / "test.csv", [("name[" + "Very Long Name " * 40 + "]", "x")])
+    params_file(preprocess__max_length=100)
+    with pytest.raises(DataError, match=r"test.csv: test MR 1: \d+ tokens > preprocess.max_length=100"):
         run(raw_dir, tmp_path)
     assert not (tmp_path / "prepared").exists()
 

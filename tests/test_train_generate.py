@@ -1,14 +1,16 @@
 """train and generate on a tiny GPT-2: what is learned, what is saved, how decoding batches, bad params."""
 from __future__ import annotations
 
+import hashlib
 import json
 
+import datasets
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import TOKENIZER
-from stages import generate, lora, preprocess, train
+from stages import generate, gpt2, lora, preprocess, train
 from stages.params import ParamError
 
 TINY = dict(vocab_size=50257, n_positions=128, n_embd=16, n_layer=1, n_head=2)
@@ -36,18 +38,33 @@ def fast_params(params_file, **more):
                        **more)
 
 
+def run_train(method, prepared, base_dir, out, costs=None):
+    costs = costs or out.parent / f"costs-{out.name}.json"
+    return train.main(["--method", method, "--data", str(prepared), "--base", str(base_dir), "--out", str(out),
+                       "--costs", str(costs)])
+
+
+def digests(out):
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_train_saves_weights_info_and_loss_history(params_file, prepared, base_dir, tmp_path, method):
     fast_params(params_file)
     out = tmp_path / method
-    train.main(["--method", method, "--data", str(prepared), "--base", str(base_dir), "--out", str(out)])
+    run_train(method, prepared, base_dir, out)
     info = json.loads((out / "train_info.json").read_text())
     n_layer, d = TINY["n_layer"], TINY["n_embd"]
     expected = n_layer * 2 * 2 * 4 * d if method == "lora" else sum(
         p.numel() for p in GPT2LMHeadModel.from_pretrained(base_dir).parameters())
     assert info["trainable_params"] == expected
-    assert info["steps"] > 0 and info["train_time_s"] >= 0 and info["peak_memory_mb"] > 0
-    assert any("loss" in h for h in json.loads((out / "log_history.json").read_text()))
+    assert info["steps"] > 0 and info["device"] == "cpu"
+    costs = json.loads((tmp_path / f"costs-{method}.json").read_text())
+    assert costs["train_time_s"] >= 0 and costs["peak_memory_mb"] > 0 and costs["train_tokens_per_s"] > 0
+    history = json.loads((out / "log_history.json").read_text())
+    assert any("loss" in h for h in history)
+    assert not [k for h in history for k in h if k.endswith(("_runtime", "_per_second"))]  # timings: in costs
     saved = {p.name for p in out.iterdir()}
     assert ("adapter.safetensors" in saved) == (method == "lora") and ("model.safetensors" in saved) == (method == "full")
 
@@ -55,10 +72,10 @@ def test_train_saves_weights_info_and_loss_history(params_file, prepared, base_d
 def test_lora_training_moves_only_the_adapter(params_file, prepared, base_dir, tmp_path):
     fast_params(params_file, lora__lr=0.05)
     out = tmp_path / "lora"
-    train.main(["--method", "lora", "--data", str(prepared), "--base", str(base_dir), "--out", str(out)])
+    run_train("lora", prepared, base_dir, out)
     model = GPT2LMHeadModel.from_pretrained(base_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    lora.load_adapter(model, out / "adapter.safetensors", base=train.base_identity(base_dir))
+    lora.load_adapter(model, out / "adapter.safetensors", base=gpt2.base_identity(base_dir))
     sd = lora.lora_state_dict(model)
     assert any(k.endswith("lora_B.q") or "lora_B" in k for k in sd) and any(v.abs().sum() > 0 for k, v in sd.items()
                                                                           if "lora_B" in k)
@@ -74,8 +91,7 @@ def test_lora_training_moves_only_the_adapter(params_file, prepared, base_dir, t
 def test_bad_training_params_fail_before_loading_anything(params_file, tmp_path, key, value):
     params_file(**{key.replace(".", "__"): value})
     with pytest.raises(ParamError, match=key):
-        train.main(["--method", "lora", "--data", str(tmp_path / "nowhere"), "--base", str(tmp_path / "none"),
-                    "--out", str(tmp_path / "out")])
+        run_train("lora", tmp_path / "nowhere", tmp_path / "none", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -86,10 +102,10 @@ def test_full_ignores_lora_params(params_file, tmp_path):
 
 def test_batched_decoding_equals_one_by_one(base_dir, tmp_path):
     """Left padding must not change outputs: position ids follow the attention mask."""
-    tok = preprocess.load_tokenizer(TOKENIZER)
+    tok = gpt2.load_tokenizer(TOKENIZER)
     model = GPT2LMHeadModel.from_pretrained(base_dir)
     mrs = ["name[Aromi]", "name[The Eagle], food[French], area[riverside]", "name[Zizzi], priceRange[cheap]"]
-    contexts = [preprocess.encode_context(tok, mr, "paper") for mr in mrs]
+    contexts = preprocess.encode_contexts(tok, mrs, "paper")
     cfg = dict(num_beams=3, length_penalty=0.9, no_repeat_ngram_size=4, max_new_tokens=8, batch_size=3,
                early_stopping=True)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
@@ -116,11 +132,23 @@ def test_generate_stage_writes_one_line_per_test_mr_and_info(params_file, prepar
     fast_params(params_file)
     out = tmp_path / "pred" / "base.txt"
     generate.main(["--method", "base", "--data", str(prepared), "--base", str(base_dir), "--model", str(base_dir),
-                   "--out", str(out)])
-    n_mrs = len((prepared / "test.jsonl").read_text().splitlines())
+                   "--out", str(out), "--costs", str(tmp_path / "costs.json")])
+    n_mrs = len(datasets.load_from_disk(str(prepared / "test")))
     assert len(out.read_text(encoding="utf-8").split("\n")) == n_mrs + 1  # n lines, each newline-terminated
     info = json.loads(out.with_suffix(".json").read_text())
-    assert info["trainable_params"] == 0 and info["test_mrs"] == n_mrs
+    assert info == {"trainable_params": 0, "test_mrs": n_mrs}  # deterministic: timings go to the costs file
+    assert json.loads((tmp_path / "costs.json").read_text())["outputs_per_s"] > 0
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_training_twice_gives_byte_identical_tracked_outputs(params_file, prepared, base_dir, tmp_path, method):
+    """DVC hashes models/<method>: identical inputs must give identical bytes, or every rerun invalidates
+    generate, score and report and stores a duplicate in the cache."""
+    fast_params(params_file)
+    run_train(method, prepared, base_dir, tmp_path / "a" / method)
+    run_train(method, prepared, base_dir, tmp_path / "b" / method)
+    first = digests(tmp_path / "a" / method)
+    assert len(first) >= 3 and digests(tmp_path / "b" / method) == first
 
 
 @pytest.mark.parametrize("value", ["sometimes", 1])

@@ -1,0 +1,143 @@
+"""dvc.yaml lists, for every stage, exactly the project code that the stage runs.
+
+DVC reruns a stage only when one of its `deps` changed: a module missing there means a fix to it leaves a stale,
+wrong result cached and committed. The code a stage runs is the import closure of its `python -m stages.X`
+command, computed here with `ast` from the sources themselves.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "stages"
+
+
+def stage_modules() -> set[str]:
+    return {p.stem for p in (ROOT / PACKAGE).glob("*.py") if p.stem != "__init__"}
+
+
+def module_file(name: str) -> Path | None:
+    """`stages.x` -> stages/x.py or stages/x/__init__.py (None if not a project module)."""
+    parts = name.split(".")
+    if parts[0] != PACKAGE:
+        return None
+    base = ROOT.joinpath(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imports_of(path: Path) -> set[str]:
+    """Project modules imported by `path`, at any depth in the file (function-level imports count too)."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names}  # `from stages import lora` imports a module
+    return {m for m in found if module_file(m)}
+
+
+@functools.lru_cache(maxsize=None)
+def closure(module: str) -> frozenset[Path]:
+    todo, seen = [module], set()
+    while todo:
+        name = todo.pop()
+        path = module_file(name)
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b.c runs a and a.b too
+        todo += sorted(imports_of(path))
+    return frozenset(p.relative_to(ROOT) for p in seen if runs_code(p))
+
+
+def runs_code(path: Path) -> bool:
+    """False for a package __init__ that holds only a docstring: nothing there can change a result."""
+    body = ast.parse(path.read_text(encoding="utf-8")).body
+    return any(not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)) for n in body)
+
+
+def expand(stages: dict) -> dict[str, dict]:
+    """foreach stages as DVC names them: `generate@lora` with ${item} substituted."""
+    out = {}
+    for name, stage in stages.items():
+        if "foreach" in stage:
+            for item in stage["foreach"]:
+                text = yaml.safe_dump(stage["do"]).replace("${item}", str(item))
+                out[f"{name}@{item}"] = yaml.safe_load(text)
+        else:
+            out[name] = stage
+    return out
+
+
+def dep_paths(stage: dict) -> list[str]:
+    return [d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])]
+
+
+def problems(stages: dict[str, dict]) -> list[str]:
+    """Every code file a stage runs but does not list, or lists but does not run."""
+    found = []
+    for name, stage in stages.items():
+        modules = re.findall(r"python -m ([\w.]+)", stage["cmd"])
+        runs = set().union(*(closure(m) for m in modules)) if modules else set()
+        deps = [Path(d) for d in dep_paths(stage)]
+        code_deps = {d for d in deps if d.parts[0] == PACKAGE}
+        covered = {f for f in runs if any(f == d or d in f.parents for d in code_deps)}
+        found += [f"{name}: runs {f} but does not list it in deps" for f in sorted(runs - covered)]
+        for d in sorted(code_deps):
+            if not any(f == d or d in f.parents for f in runs):
+                found.append(f"{name}: lists {d} in deps but does not run it")
+    return found
+
+
+@pytest.fixture(scope="module")
+def stages() -> dict[str, dict]:
+    return expand(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+
+
+def test_every_stage_lists_exactly_the_code_it_runs(stages):
+    assert problems(stages) == []
+
+
+def test_every_code_dep_line_is_needed(stages):
+    """The check above has teeth: deleting any one code dep of any stage is reported, naming stage and file."""
+    checked = 0
+    for name, stage in stages.items():
+        for dep in dep_paths(stage):
+            if not dep.startswith(f"{PACKAGE}/"):
+                continue
+            cut = {**stages, name: {**stage, "deps": [d for d in stage["deps"] if d != dep]}}
+            assert any(p.startswith(f"{name}: runs {dep}") for p in problems(cut)), (name, dep)
+            checked += 1
+    assert checked >= len(stages)
+
+
+def test_stage_modules_never_import_each_other(stages):
+    """A stage's code is its own file plus shared modules: one stage's change never reruns another stage."""
+    stage_mods = {m for s in stages.values() for m in re.findall(r"python -m ([\w.]+)", s["cmd"])}
+    files = {module_file(m).relative_to(ROOT): m for m in stage_mods}
+    for module in sorted(stage_mods):
+        others = (closure(module) & files.keys()) - {module_file(module).relative_to(ROOT)}
+        assert not others, f"{module} imports stage module(s) {sorted(map(str, others))}"
+
+
+def test_closure_follows_from_imports_and_relative_imports(tmp_path):
+    """The closure itself: module-level, function-level and `from stages import x` forms are all found."""
+    assert Path("stages/gpt2.py") in closure("stages.train")
+    assert Path("stages/cli.py") in closure("stages.train")  # via stages.params, transitively
+    assert Path("stages/preprocess.py") not in closure("stages.train")
