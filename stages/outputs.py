@@ -18,14 +18,18 @@ def _umask() -> int:
 
 
 def check_writable(path: str | Path, what: str = "output") -> None:
-    """Fail in a second, not after an hour of training: `path`'s directory must exist (or be creatable) and be
-    writable, since outputs are built in a sibling and renamed into place."""
+    """Fail in a second, not after an hour of training: `path`'s directory must exist (or be creatable) and
+    accept a new file, since outputs are built in a sibling and renamed into place. Probed by creating one:
+    permission bits say nothing to root, and nothing about read-only file systems."""
     parent = Path(path).absolute().parent
     existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
     if existing is None or not existing.is_dir():
         raise InputError(f"{path}: cannot create the {what} here ({existing} is not a directory)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{path}: cannot write the {what} here ({existing} is not writable)")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise InputError(f"{path}: cannot write the {what} here ({existing}: {e.strerror})") from None
 
 
 @contextlib.contextmanager

@@ -1,0 +1,240 @@
+"""Bad input and faults, as a user meets them: each stage run as `python -m stages.X`, as DVC runs it.
+
+Every row: the exit status (2 for input the user can fix, 1 for a run that failed), ONE line on stderr that names
+the parameter, file or line (no traceback), and no partial output left where the stage writes.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from conftest import TOKENIZER, default_params, set_key, write_csv
+from stages import cli, preprocess
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(vocab_size=50257, n_positions=128, n_embd=16, n_layer=1, n_head=2)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A workspace with data/raw, models/base (tiny GPT-2), data/prepared, like the pipeline's after preprocess."""
+    ws = tmp_path_factory.mktemp("ws")
+    from conftest import sample_rows
+    raw = ws / "data" / "raw"
+    write_csv(raw / "train.csv", sample_rows("trainset.csv", 3))
+    write_csv(raw / "dev.csv", sample_rows("devset.csv", 1))
+    write_csv(raw / "test.csv", sample_rows("testset_w_refs.csv", 2))
+    torch.manual_seed(0)
+    base = ws / "models" / "base"
+    GPT2LMHeadModel(GPT2Config(**TINY)).save_pretrained(base)
+    (base / "tokenizer.json").write_bytes(TOKENIZER.read_bytes())
+    (base / "identity.json").write_text(json.dumps({"name": "tiny", "revision": None, "model_sha256": "0" * 64}))
+    params = default_params()
+    for key, value in FAST.items():
+        set_key(params, key, value)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    cwd = os.getcwd()
+    os.chdir(ws)
+    try:
+        preprocess.main(["--raw", "data/raw", "--tokenizer", str(TOKENIZER), "--out", "data/prepared"])
+    finally:
+        os.chdir(cwd)
+    return ws
+
+
+FAST = {"train.epochs": 1, "train.warmup_steps": 0, "generate.num_beams": 1, "generate.max_new_tokens": 4}
+TRAIN = ["stages.train", "--method", "lora", "--data", "data/prepared", "--base", "models/base",
+         "--out", "out/lora", "--costs", "out/costs.json"]
+TRAIN_FULL = [*TRAIN[:2], "full", *TRAIN[3:]]
+GENERATE = ["stages.generate", "--method", "base", "--data", "data/prepared", "--base", "models/base",
+            "--model", "models/base", "--out", "out/base.txt", "--costs", "out/costs.json"]
+PREPROCESS = ["stages.preprocess", "--raw", "data/raw", "--tokenizer", "models/base/tokenizer.json",
+              "--out", "out/prepared"]
+DOWNLOAD = ["stages.download", "--data-out", "out/raw", "--model-out", "out/model"]
+
+
+def nan_weights(ws: Path) -> None:
+    path = ws / "models/base/model.safetensors"
+    tensors = load_file(str(path))
+    first = sorted(k for k, v in tensors.items() if v.is_floating_point())[0]
+    tensors[first] = torch.full_like(tensors[first], math.nan)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def bad_mr(text):
+    def edit(ws):
+        write_csv(ws / "data/raw/dev.csv", [("name[Aromi], food[Italian]", "ok"), (text, "bad")])
+    return edit
+
+
+def long_test_mr(ws):
+    write_csv(ws / "data/raw/test.csv", [("name[" + "Very Long Name " * 40 + "]", "x")])
+
+
+def local_sources(ws, data=True, model=True):
+    """download from local directories (the air-gapped path): the raw CSVs and the tiny base."""
+    return {"data.source": str(ws / "data/raw") if data else None, "model.name": str(ws / "models/base")}
+
+
+def truncated_weights(ws):
+    path = ws / "models/base/model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def broken_csv(ws):
+    (ws / "data/raw/dev.csv").write_text('mr,ref\n"name[Aromi]",ok,extra\n')
+
+
+UNWRITABLE = "/proc/lora-e2e-test/out"  # no one, root included, can create files in /proc
+
+
+def make_dir_at_out(ws):
+    (ws / "out").write_text("a file where the output directory's parent should be\n")
+
+
+# id: (command, params overrides, edit of the workspace, exit status, what the one line must name)
+CASES = {
+    "label smoothing nan": (TRAIN, {"train.label_smoothing": math.nan}, None, 2, "train.label_smoothing"),
+    "epochs inf": (TRAIN, {"train.epochs": math.inf}, None, 2, "train.epochs must be a finite number"),
+    "lr nan (full)": (TRAIN_FULL, {"full.lr": math.nan}, None, 2, "full.lr"),
+    "lora targets empty": (TRAIN, {"lora.targets": []}, None, 2, "lora.targets"),
+    "lora targets duplicate": (TRAIN, {"lora.targets": ["q", "q"]}, None, 2, "lora.targets: duplicates"),
+    "length penalty nan": (GENERATE, {"generate.length_penalty": math.nan}, None, 2, "generate.length_penalty"),
+    "base weights nan (train)": (TRAIN, {}, nan_weights, 2, "model.safetensors: 1 weight tensors hold NaN"),
+    "base weights nan (generate)": (GENERATE, {}, nan_weights, 2, "model.safetensors: 1 weight tensors hold NaN"),
+    "loss diverges": (TRAIN_FULL, {"full.lr": 1e30}, None, 1, "at step"),
+    "train out not writable": ([*TRAIN[:8], UNWRITABLE, *TRAIN[9:]], {}, None, 2, "cannot write the output"),
+    "generate out not writable": ([*GENERATE[:10], UNWRITABLE, *GENERATE[11:]], {}, None, 2,
+                                  "cannot write the output"),
+    "train out under a file": (TRAIN, {}, make_dir_at_out, 2, "out/lora: cannot create"),
+    "mr missing bracket": (PREPROCESS, {}, bad_mr("name[The Eagle"), 2, "dev.csv: data row 2 (line 3)"),
+    "mr empty value": (PREPROCESS, {}, bad_mr("name[]"), 2, "empty value for 'name'"),
+    "mr unknown syntax": (PREPROCESS, {}, bad_mr("name=The Eagle"), 2, "expected key[value]"),
+    "mr repeated key": (PREPROCESS, {}, bad_mr("name[A], name[B]"), 2, "'name' appears twice"),
+    "test mr too long": (PREPROCESS, {"preprocess.max_length": 100}, long_test_mr, 2,
+                         "test.csv: test MR 1"),
+    "params not yaml": (PREPROCESS, "a: [b\n", None, 2, "params.yaml: line"),
+    "data source null": (DOWNLOAD, {"data.source": None}, None, 2, "data.source"),
+    "download csv broken": (DOWNLOAD, local_sources, broken_csv, 2, "dev.csv: line 2"),
+    "download weights truncated": (DOWNLOAD, local_sources, truncated_weights, 2, "model.name"),
+    "download config invalid": (DOWNLOAD, local_sources,
+                                lambda ws: (ws / "models/base/config.json").write_text("{not json"), 2,
+                                "config.json"),
+    "download weights nan": (DOWNLOAD, local_sources, nan_weights, 2, "hold NaN"),
+}
+
+
+def write_params(ws: Path, overrides) -> None:
+    if isinstance(overrides, str):
+        (ws / "params.yaml").write_text(overrides)
+        return
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    for key, value in (overrides(ws) if callable(overrides) else overrides).items():
+        set_key(params, key, value)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def run_module(ws: Path, command: list[str]) -> subprocess.CompletedProcess:
+    """Exactly as DVC runs a stage."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("LORA_E2E_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", *command], cwd=ws, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def run_in_process(ws: Path, command: list[str], capsys, monkeypatch) -> tuple[int, str]:
+    """The same entry point (cli.run around the stage's main) without a new interpreter per case."""
+    module = importlib.import_module(command[0])
+    monkeypatch.chdir(ws)
+    monkeypatch.delenv("LORA_E2E_DEBUG", raising=False)
+    capsys.readouterr()
+    status = cli.run(command[0].split(".")[-1], module.main, command[1:])
+    return status, capsys.readouterr().err
+
+
+def check(ws: Path, status: int, stderr: str, want_status: int, names: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("warning:")]
+    errors = [line for line in lines if ": error: " in line or ": failed: " in line]
+    assert status == want_status, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert len(errors) == 1 and names in errors[0], stderr[-2000:]
+    assert "/.tmp" not in errors[0] and "/tmp" not in errors[0].replace(str(ws), "")  # no temporary paths
+    out = ws / "out"
+    leftovers = list(out.rglob("*")) if out.is_dir() else []
+    assert leftovers == [], leftovers
+
+
+@pytest.fixture
+def fresh(ws, tmp_path):
+    """A copy of the module's workspace that a case may break."""
+    copy = tmp_path / "ws"
+    shutil.copytree(ws, copy)
+    return copy
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_fails_with_one_line_naming_it_and_no_output(fresh, case, capsys, monkeypatch):
+    command, overrides, edit, want_status, names = CASES[case]
+    write_params(fresh, overrides)
+    if edit:
+        edit(fresh)
+    status, stderr = run_in_process(fresh, command, capsys, monkeypatch)
+    check(fresh, status, stderr, want_status, names)
+
+
+@pytest.mark.parametrize("case", ["label smoothing nan", "length penalty nan", "mr missing bracket",
+                                  "data source null", "loss diverges"])
+def test_stage_modules_exit_the_same_way_when_run_as_dvc_runs_them(fresh, case):
+    """One case per stage module through `python -m`: the `__main__` wiring, not only main()."""
+    command, overrides, edit, want_status, names = CASES[case]
+    write_params(fresh, overrides)
+    if edit:
+        edit(fresh)
+    proc = run_module(fresh, command)
+    check(fresh, proc.returncode, proc.stderr, want_status, names)
+
+
+def test_unknown_key_is_warned_about_by_name(params_file, capsys):
+    from stages import train
+    params = params_file(lora__rnak=8)
+    train.read_config(params, "lora")
+    assert "unknown parameter lora.rnak" in capsys.readouterr().err
+
+
+def test_internal_errors_are_one_line_unless_debugging(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = "import sys; from stages import cli; sys.exit(cli.run('x', lambda argv: 1 / 0, []))"
+    quiet = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert quiet.returncode == 1 and "Traceback" not in quiet.stderr
+    assert quiet.stderr.strip().startswith("x: internal error (ZeroDivisionError")
+    loud = subprocess.run([sys.executable, "-c", code], env={**env, "LORA_E2E_DEBUG": "1"}, capture_output=True,
+                          text=True)
+    assert loud.returncode == 1 and "Traceback" in loud.stderr
+
+
+def test_params_yaml_has_no_trailing_comments_that_dvc_would_mangle():
+    """`dvc exp run -S lora.targets=[]` rewrites a value's line; a trailing comment there broke the YAML."""
+    for i, line in enumerate((ROOT / "params.yaml").read_text().splitlines(), start=1):
+        code = line.split("#", 1)[0]
+        assert not ("#" in line and code.strip()), f"params.yaml line {i}: trailing comment: {line!r}"
+
+
+def test_outputs_get_the_users_umask(params_file, raw_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        preprocess.main(["--raw", str(raw_dir), "--tokenizer", str(TOKENIZER), "--out", str(tmp_path / "p")])
+    finally:
+        os.umask(old)
+    assert (tmp_path / "p").stat().st_mode & 0o777 == 0o755
