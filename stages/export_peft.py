@@ -20,11 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from transformers import GPT2LMHeadModel
+from transformers.utils import logging as hf_logging
 
 from stages import lora
 from stages.outputs import atomic_dir
@@ -101,7 +103,10 @@ def max_logit_diff(ours: GPT2LMHeadModel, base: Path, peft_dir: Path) -> tuple[f
     largest |logit| of ours (the scale float32 rounding is relative to)."""
     from peft import PeftModel
 
-    theirs = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base, use_safetensors=True), peft_dir).eval()
+    with warnings.catch_warnings():  # peft 0.21 calls a transformers method deprecated in 5.x: nothing to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        theirs = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base, use_safetensors=True),
+                                           peft_dir).eval()
     ids = torch.arange(32).unsqueeze(0) * 97 % ours.config.vocab_size  # (1, 32): any fixed token ids
     with torch.no_grad():
         want = ours(ids).logits
@@ -137,6 +142,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-verify", action="store_true",
                     help="skip loading the export with peft and comparing logits with ours (needs peft)")
     args = ap.parse_args(argv)
+    hf_logging.disable_progress_bar()  # two model loads of a few seconds: the bars would be most of the output
     verify = not args.no_verify
     if verify:
         try:

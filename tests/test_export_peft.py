@@ -23,6 +23,7 @@ from stages.export_peft import CONFIG, WEIGHTS, ExportError, export
 from stages.train import base_identity
 
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft vs transformers 5
 
 D, RANK, ALPHA, DROPOUT = 32, 4, 32.0, 0.1
 TARGET_SETS = [("q", "v"), ("q", "k", "v", "o"), ("k",), ("o",), ("v", "o")]
