@@ -49,8 +49,9 @@ def exp_show(path: str | None) -> list:
     except FileNotFoundError:
         raise CompareError("dvc: not found on PATH (activate the project's virtual environment)") from None
     if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        raise CompareError(f"dvc exp show --json failed (exit {done.returncode}): {last}")
+        lines = [line for line in done.stderr.splitlines() if line.strip()] or ["no message"]
+        why = next((line for line in lines if line.startswith("ERROR")), lines[-1])  # not DVC's "troubles?" footer
+        raise CompareError(f"dvc exp show --json failed (exit {done.returncode}): {why}")
     return json.loads(done.stdout)
 
 

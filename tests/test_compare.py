@@ -203,7 +203,7 @@ def test_cli_runs_dvc_exp_show_and_reports_its_failure_in_one_line(tmp_path):
     fake = tmp_path / "bin" / "dvc"
     fake.parent.mkdir()
     fake.write_text(f"#!/bin/sh\n[ \"$*\" = 'exp show --json' ] || exit 3\n"
-                    f"[ -n \"$FAIL\" ] && {{ echo 'ERROR: not a DVC repository' >&2; exit 1; }}\n"
+                    f"[ -n \"$FAIL\" ] && {{ printf 'ERROR: not a DVC repository\\n\\nHaving any troubles? Hit us up\\n' >&2; exit 1; }}\n"
                     f"cat {FIXTURES / 'exp_show.json'}\n")
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
