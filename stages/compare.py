@@ -115,6 +115,9 @@ def samples(exps: list[dict], pattern: str, units: str) -> tuple[list[dict], lis
                 v = data[key]
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                     raise CompareError(f"{e['name']}: {f}: {key} = {v!r} is not a finite number")
+                if units == "fraction" and factor == 100 and not 0 <= v <= 1:  # never print a BLEU of 7040 %
+                    raise CompareError(f"{e['name']}: {f}: {key} = {v!r} is not a fraction; if the file holds "
+                                       "percentages, pass --units paper")
                 row[title] = v * (factor if units == "fraction" else 1)
             # The same run shown twice (a commit and the experiment it came from; an experiment re-run with
             # nothing changed, which is deterministic) is one sample, not two: it would shrink the std.

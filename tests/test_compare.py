@@ -192,6 +192,17 @@ def test_non_finite_metric_fails_loudly(capsys):
         run(capsys, show)
 
 
+def test_percentages_read_as_fractions_are_an_error_that_names_the_option(capsys):
+    show = fixture()
+    show[1]["data"]["metrics"]["metrics/lora.json"]["data"]["bleu"] = 70.4
+    with pytest.raises(compare.CompareError, match=r"master: metrics/lora.json: bleu = 70.4 .*--units paper"):
+        run(capsys, show)
+    only = fixture("exp_show_empty.json")
+    only[1]["data"]["metrics"]["metrics/lora.json"]["data"]["bleu"] = 70.4
+    rows, _ = run(capsys, only, "--units", "paper")  # then nothing is scaled
+    assert rows[0]["BLEU"] == "70.4"
+
+
 def test_plot_is_written_and_identical_when_repeated(capsys, tmp_path):
     run(capsys, fixture(), "--plot", str(tmp_path / "a.png"))
     run(capsys, fixture(), "--plot", str(tmp_path / "b.png"))
