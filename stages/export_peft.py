@@ -119,6 +119,9 @@ def export(adapter: Path, base: Path, out: Path, verify: bool = True, rtol: floa
         raise ExportError(f"--out: {out} exists and is not a PEFT adapter directory; refusing to replace it")
     model = load_ours(adapter, base)
     tensors, ranks = peft_tensors(model)
+    bad = sorted(k for k, v in tensors.items() if not torch.isfinite(v).all())
+    if bad:
+        raise ExportError(f"--adapter: {adapter}: non-finite weights in {len(bad)} tensors, first {bad[0]}")
     config = peft_config(lora.lora_config(model), ranks, json.loads((base / "identity.json").read_text()))
     diff = None
     with atomic_dir(out) as tmp:
@@ -140,7 +143,7 @@ def main(argv=None) -> None:
     ap.add_argument("--base", type=Path, required=True, help="the base model directory it was trained on")
     ap.add_argument("--out", type=Path, required=True, help="directory for the PEFT checkpoint")
     ap.add_argument("--no-verify", action="store_true",
-                    help="skip loading the export with peft and comparing logits with ours (needs peft)")
+                    help="skip the check (which needs peft) that PEFT loads the export and its logits equal ours")
     args = ap.parse_args(argv)
     hf_logging.disable_progress_bar()  # two model loads of a few seconds: the bars would be most of the output
     verify = not args.no_verify

@@ -168,6 +168,18 @@ def test_a_file_that_is_not_our_adapter_is_refused(base, tmp_path):
         export(tmp_path / "missing.safetensors", base, tmp_path / "peft")
 
 
+def test_an_adapter_with_non_finite_weights_is_refused_even_unverified(base, tmp_path):
+    write_adapter(base, tmp_path / "a.safetensors", ("q", "v"))
+    with safe_open(tmp_path / "a.safetensors", framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(tmp_path / "a.safetensors")
+    tensors["transformer.h.1.attn.c_attn.lora_B.v"][3, 0] = float("inf")
+    save_file(tensors, str(tmp_path / "a.safetensors"), metadata=meta)
+    with pytest.raises(ExportError, match="non-finite weights .*h.1.attn.c_attn.lora_B"):
+        export(tmp_path / "a.safetensors", base, tmp_path / "peft", verify=False)
+    assert not (tmp_path / "peft").exists()
+
+
 def test_an_existing_directory_that_is_not_an_export_is_never_replaced(base, tmp_path):
     write_adapter(base, tmp_path / "a.safetensors", ("q", "v"))
     (tmp_path / "keep").mkdir()
