@@ -26,6 +26,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from stages import cli
+from stages.cli import InputError
+
 # key in the metrics file, column title, factor to the paper's units for a fraction file, decimals (paper Table 3)
 METRICS = (("bleu", "BLEU", 100, 1), ("nist", "NIST", 1, 2), ("meteor", "METEOR", 100, 1),
            ("rouge_l", "ROUGE-L", 100, 1), ("cider", "CIDEr", 1, 2))
@@ -33,7 +36,7 @@ AVERAGED = ("train.seed", "train.seeds")  # what runs of one setting differ by
 DONE = (None, "success")  # executor state of a finished run: None for `dvc exp run` and commits
 
 
-class CompareError(Exception):
+class CompareError(InputError):
     pass
 
 
@@ -228,7 +231,7 @@ def _is_number(s: str) -> bool:
         return False
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--by", default="lora.rank", help="parameter whose values are the rows (lora.rank, lora.targets)")
     ap.add_argument("--metrics", default="metrics/lora.json",
@@ -251,11 +254,8 @@ def main(argv=None) -> None:
     if args.plot:
         plot(table, cols, args.plot)
         print(f"compare: plot -> {args.plot}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except CompareError as e:
-        print(f"compare: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli.run("compare", main))

@@ -28,16 +28,17 @@ from safetensors.torch import save_file
 from transformers import GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
-from stages import lora
+from stages import cli, lora
+from stages.cli import InputError
 from stages.outputs import atomic_dir
-from stages.train import base_identity
+from stages.gpt2 import base_identity
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 MODULES = {"c_attn": "attn.c_attn", "c_proj": "attn.c_proj"}  # PEFT target suffixes; mlp.c_proj stays untouched
 QKV = ("q", "k", "v")
 
 
-class ExportError(Exception):
+class ExportError(InputError):
     pass
 
 
@@ -137,7 +138,7 @@ def export(adapter: Path, base: Path, out: Path, verify: bool = True, rtol: floa
     return diff
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--adapter", type=Path, required=True, help="our adapter (train's models/lora/adapter.safetensors)")
     ap.add_argument("--base", type=Path, required=True, help="the base model directory it was trained on")
@@ -156,11 +157,8 @@ def main(argv=None) -> None:
     diff = export(args.adapter, args.base, args.out, verify=verify)
     checked = f"PEFT loads it, max |logit difference| to ours {diff:.2g}" if verify else "not verified"
     print(f"export_peft: {args.adapter} -> {args.out}/{{{CONFIG},{WEIGHTS}}} ({checked})", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ExportError as e:
-        print(f"export_peft: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli.run("export_peft", main))

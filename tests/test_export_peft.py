@@ -20,7 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from stages import lora
 from stages.export_peft import CONFIG, WEIGHTS, ExportError, export
-from stages.train import base_identity
+from stages.gpt2 import base_identity
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft vs transformers 5
