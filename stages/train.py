@@ -17,7 +17,9 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+from dvclive import Live
+from transformers import GPT2LMHeadModel, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations import DVCLiveCallback
 
 from stages import cli, gpt2, lora
 from stages import params as P
@@ -86,6 +88,35 @@ class StopOnNonFinite(TrainerCallback):
             gpt2.check_finite(model, f"trainable weights at step {state.global_step}", error=RunError)
 
 
+class LiveMetrics(DVCLiveCallback):
+    """transformers' DVCLive callback (per-log train loss and learning rate, per-epoch eval loss), without its dump
+    of every TrainingArguments field: params.yaml is the configuration, and the dump holds temporary paths."""
+
+    def setup(self, args, state, model):
+        self._initialized = True
+
+
+class EpochSummary(TrainerCallback):
+    """Where no terminal shows a progress bar (CI, a queued experiment's log): one line per epoch, not per step."""
+
+    def __init__(self, name: str):
+        self.name, self.start = name, time.perf_counter()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        done = state.global_step / max(state.max_steps, 1)
+        elapsed = time.perf_counter() - self.start
+        losses = [h["loss"] for h in state.log_history if "loss" in h]
+        eta = elapsed * (1 - done) / done if done else float("nan")
+        print(f"{self.name}: epoch {state.epoch:.2f}, step {state.global_step}/{state.max_steps}, "
+              f"train loss {losses[-1] if losses else float('nan'):.4f}, {elapsed:.0f} s, ETA {eta:.0f} s",
+              file=sys.stderr, flush=True)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_loss" in metrics:
+            print(f"{self.name}: eval loss {metrics['eval_loss']:.4f} at step {state.global_step}", file=sys.stderr,
+                  flush=True)
+
+
 def peak_memory_mb() -> tuple[float, str]:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
@@ -111,12 +142,13 @@ def main(argv=None) -> int:
     ap.add_argument("--base", required=True, help="pretrained model directory (download output)")
     ap.add_argument("--out", required=True, help="output directory (weights or adapter, train_info, log)")
     ap.add_argument("--costs", required=True, help="metrics file for time, throughput and peak memory")
+    ap.add_argument("--live", required=True, help="DVCLive directory: loss and learning-rate curves, eval loss")
     args = ap.parse_args(argv)
     runtime.keep_freed_memory()
     datasets.disable_progress_bars()
 
     cfg = read_config(P.load(), args.method)
-    for path in (args.out, args.costs):
+    for path in (args.out, args.costs, Path(args.live) / "metrics.json"):
         check_writable(path)
     data, base = Path(args.data), Path(args.base)
     train_set, eval_set = load_split(data, "train"), load_split(data, "validation")
@@ -136,11 +168,18 @@ def main(argv=None) -> int:
         lr_scheduler_type="linear", warmup_steps=cfg["warmup_steps"],
         label_smoothing_factor=cfg["label_smoothing"], max_grad_norm=cfg["max_grad_norm"],
         eval_strategy="epoch", logging_steps=0.02, logging_first_step=True, logging_nan_inf_filter=False,
-        save_strategy="no", report_to="none", remove_unused_columns=False, disable_tqdm=True,
+        save_strategy="no", report_to="none", remove_unused_columns=False,
+        disable_tqdm=not sys.stderr.isatty(),  # a bar with ETA on a terminal; EpochSummary lines in a log
         dataloader_pin_memory=torch.cuda.is_available(),
     )
+    # Only the main process logs; DVCLive must not touch dvc.yaml (the pipeline declares its files).
+    live = Live(dir=args.live, dvcyaml=None, save_dvc_exp=False, report=None) if targs.process_index == 0 else None
+    callbacks = [StopOnNonFinite(), LiveMetrics(live=live)]
+    if targs.disable_tqdm:
+        callbacks.append(EpochSummary(f"train-{args.method}"))
     trainer = Trainer(model=model, args=targs, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=gpt2.collate, callbacks=[StopOnNonFinite()])
+                      data_collator=gpt2.collate, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # a dict per log on stdout: EpochSummary and DVCLive say it better
     start = time.perf_counter()
     with scratch:
         trainer.train()
@@ -162,8 +201,11 @@ def main(argv=None) -> int:
             "device": device, "peak_memory_kind": peak_kind,
         })
         write_json(out / "log_history.json", deterministic_log(trainer.state.log_history))
-    write_json(args.costs, {"train_time_s": round(seconds, 1), "train_tokens_per_s": round(tokens / seconds, 1),
-                            "peak_memory_mb": round(peak, 1)})
+    costs = {"train_time_s": round(seconds, 1), "train_tokens_per_s": round(tokens / seconds, 1),
+             "peak_memory_mb": round(peak, 1)}
+    write_json(args.costs, costs)
+    live.log_metric("train/tokens_per_s", costs["train_tokens_per_s"], plot=False)
+    live.make_summary()
     print(f"train-{args.method}: {trainable:,} trainable parameters, {seconds:.0f} s -> {args.out}", file=sys.stderr)
     return 0
 

@@ -55,8 +55,9 @@ def ws(tmp_path_factory):
 
 
 FAST = {"train.epochs": 1, "train.warmup_steps": 0, "generate.num_beams": 1, "generate.max_new_tokens": 4}
+# The DVCLive log of a run that fails mid-training is kept for diagnosis (the loss curve up to the NaN): outside out/.
 TRAIN = ["stages.train", "--method", "lora", "--data", "data/prepared", "--base", "models/base",
-         "--out", "out/lora", "--costs", "out/costs.json"]
+         "--out", "out/lora", "--costs", "out/costs.json", "--live", "live/train"]
 TRAIN_FULL = [*TRAIN[:2], "full", *TRAIN[3:]]
 GENERATE = ["stages.generate", "--method", "base", "--data", "data/prepared", "--base", "models/base",
             "--model", "models/base", "--out", "out/base.txt", "--costs", "out/costs.json"]

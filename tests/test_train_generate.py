@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import datasets
 import pytest
@@ -41,7 +42,7 @@ def fast_params(params_file, **more):
 def run_train(method, prepared, base_dir, out, costs=None):
     costs = costs or out.parent / f"costs-{out.name}.json"
     return train.main(["--method", method, "--data", str(prepared), "--base", str(base_dir), "--out", str(out),
-                       "--costs", str(costs)])
+                       "--costs", str(costs), "--live", str(out.parent / f"live-{out.name}")])
 
 
 def digests(out):
@@ -65,6 +66,12 @@ def test_train_saves_weights_info_and_loss_history(params_file, prepared, base_d
     history = json.loads((out / "log_history.json").read_text())
     assert any("loss" in h for h in history)
     assert not [k for h in history for k in h if k.endswith(("_runtime", "_per_second"))]  # timings: in costs
+    live = tmp_path / f"live-{method}"
+    summary = json.loads((live / "metrics.json").read_text())  # what `dvc exp show` lists
+    assert math.isfinite(summary["eval"]["loss"]) and summary["train"]["tokens_per_s"] > 0
+    curve = (live / "plots" / "metrics" / "loss.tsv").read_text().splitlines()  # per-log training loss
+    assert curve[0].split("\t") == ["step", "loss"] and len(curve) >= 3  # a curve, not a point
+    assert not (live / "params.yaml").exists()  # params.yaml of the project is the only configuration
     saved = {p.name for p in out.iterdir()}
     assert ("adapter.safetensors" in saved) == (method == "lora") and ("model.safetensors" in saved) == (method == "full")
 
