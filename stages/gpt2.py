@@ -53,8 +53,9 @@ def check_finite(model: torch.nn.Module, what: str, error=InputError) -> None:
         raise error(f"{what}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]})")
 
 
-def load_model(model_dir: str | Path) -> GPT2LMHeadModel:
-    """A GPT-2 from config.json + model.safetensors (never pickle), every weight checked finite."""
+def load_model(model_dir: str | Path, dropout: float | None = None) -> GPT2LMHeadModel:
+    """A GPT-2 from config.json + model.safetensors (never pickle), every weight checked finite; `dropout`, if
+    given, replaces the config's embedding, attention and residual dropout probabilities."""
     model_dir = Path(model_dir)
     for name in ("config.json", "model.safetensors"):
         if not (model_dir / name).is_file():
@@ -63,6 +64,8 @@ def load_model(model_dir: str | Path) -> GPT2LMHeadModel:
         config = GPT2Config.from_json_file(model_dir / "config.json")
     except (ValueError, OSError) as e:
         raise InputError(f"{model_dir / 'config.json'}: not a valid GPT-2 config ({e})") from None
+    if dropout is not None:
+        config.embd_pdrop = config.attn_pdrop = config.resid_pdrop = dropout
     try:
         model = GPT2LMHeadModel.from_pretrained(model_dir, config=config, use_safetensors=True)
     except Exception as e:  # safetensors' and transformers' own types: truncated file, wrong shapes, ...

@@ -28,7 +28,8 @@ from stages.cli import InputError, RunError
 from stages.outputs import atomic_dir, check_writable, write_json
 
 KNOWN = {
-    "train": ("seed", "epochs", "batch_size", "label_smoothing", "warmup_steps", "max_grad_norm"),
+    "train": ("seed", "epochs", "batch_size", "label_smoothing", "warmup_steps", "max_grad_norm", "adam_epsilon",
+              "gpt2_dropout"),
     "lora": ("rank", "alpha", "dropout", "targets", "lr", "weight_decay"),
     "full": ("lr", "weight_decay"),
 }
@@ -47,6 +48,8 @@ def read_config(params: dict, method: str) -> dict:
         "label_smoothing": P.number(params, "train.label_smoothing", min=0, max=1, max_inclusive=False),
         "warmup_steps": P.number(params, "train.warmup_steps", kind=int, min=0),
         "max_grad_norm": P.number(params, "train.max_grad_norm", min=0),
+        "adam_epsilon": P.number(params, "train.adam_epsilon", min=0, min_inclusive=False),
+        "gpt2_dropout": P.number(params, "train.gpt2_dropout", min=0, max=1, max_inclusive=False),
         "lr": P.number(params, f"{method}.lr", min=0, min_inclusive=False),
         "weight_decay": P.number(params, f"{method}.weight_decay", min=0),
     }
@@ -124,11 +127,28 @@ def peak_memory_mb() -> tuple[float, str]:
 
 
 def build_model(base_dir: Path, method: str, cfg: dict) -> GPT2LMHeadModel:
-    model = gpt2.load_model(base_dir)
+    # GPT-2's own dropouts, set for both methods alike (the authors' model.py has none).
+    model = gpt2.load_model(base_dir, dropout=cfg["gpt2_dropout"])
     if method == "lora":
         lora.add_lora(model, rank=cfg["rank"], alpha=cfg["alpha"], dropout=cfg["dropout"],
                       targets=tuple(cfg["targets"]))
     return model
+
+
+def training_args(cfg: dict, output_dir: str) -> TrainingArguments:
+    """Table 11's loop as TrainingArguments (AdamW betas 0.9/0.999 and eps from the authors' optimizer.py)."""
+    return TrainingArguments(
+        output_dir=output_dir, seed=cfg["seed"], num_train_epochs=cfg["epochs"],
+        per_device_train_batch_size=cfg["batch_size"], per_device_eval_batch_size=cfg["batch_size"],
+        learning_rate=cfg["lr"], weight_decay=cfg["weight_decay"], adam_beta1=0.9, adam_beta2=0.999,
+        adam_epsilon=cfg["adam_epsilon"],
+        lr_scheduler_type="linear", warmup_steps=cfg["warmup_steps"],
+        label_smoothing_factor=cfg["label_smoothing"], max_grad_norm=cfg["max_grad_norm"],
+        eval_strategy="epoch", logging_steps=0.02, logging_first_step=True, logging_nan_inf_filter=False,
+        save_strategy="no", report_to="none", remove_unused_columns=False,
+        disable_tqdm=not sys.stderr.isatty(),  # a bar with ETA on a terminal; EpochSummary lines in a log
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
 
 
 def deterministic_log(log_history: list[dict]) -> list[dict]:
@@ -161,17 +181,7 @@ def main(argv=None) -> int:
     trainable = lora.count_trainable(model)
 
     scratch = tempfile.TemporaryDirectory()  # the Trainer wants an output_dir; nothing is saved there
-    targs = TrainingArguments(
-        output_dir=scratch.name, seed=cfg["seed"], num_train_epochs=cfg["epochs"],
-        per_device_train_batch_size=cfg["batch_size"], per_device_eval_batch_size=cfg["batch_size"],
-        learning_rate=cfg["lr"], weight_decay=cfg["weight_decay"], adam_beta1=0.9, adam_beta2=0.999,
-        lr_scheduler_type="linear", warmup_steps=cfg["warmup_steps"],
-        label_smoothing_factor=cfg["label_smoothing"], max_grad_norm=cfg["max_grad_norm"],
-        eval_strategy="epoch", logging_steps=0.02, logging_first_step=True, logging_nan_inf_filter=False,
-        save_strategy="no", report_to="none", remove_unused_columns=False,
-        disable_tqdm=not sys.stderr.isatty(),  # a bar with ETA on a terminal; EpochSummary lines in a log
-        dataloader_pin_memory=torch.cuda.is_available(),
-    )
+    targs = training_args(cfg, scratch.name)
     # Only the main process logs; DVCLive must not touch dvc.yaml (the pipeline declares its files).
     live = Live(dir=args.live, dvcyaml=None, save_dvc_exp=False, report=None) if targs.process_index == 0 else None
     callbacks = [StopOnNonFinite(), LiveMetrics(live=live)]

@@ -162,3 +162,31 @@ def test_training_twice_gives_byte_identical_tracked_outputs(params_file, prepar
 def test_early_stopping_accepts_only_true_false_never(params_file, value):
     with pytest.raises(ParamError, match="generate.early_stopping"):
         generate.read_config(params_file(generate__early_stopping=value))
+
+
+# ---------------------------------------------------------------- the authors' settings reach the model
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_gpt2_dropout_param_reaches_every_dropout_of_the_base(params_file, base_dir, dropout):
+    cfg = train.read_config(params_file(train__gpt2_dropout=dropout), "full")
+    model = train.build_model(base_dir, "full", cfg)
+    probs = {m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    assert probs == {dropout}  # embedding, attention and residual dropouts alike
+
+
+def test_gpt2_dropout_leaves_loras_own_dropout_alone(params_file, base_dir):
+    cfg = train.read_config(params_file(train__gpt2_dropout=0.0, lora__dropout=0.1), "lora")
+    model = train.build_model(base_dir, "lora", cfg)
+    probs = {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    ours = {name: p for name, p in probs.items() if "c_attn.dropout" in name}  # LoRAConv1D's input dropout
+    assert set(ours.values()) == {0.1} and {p for name, p in probs.items() if name not in ours} == {0.0}
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-8])
+def test_adam_epsilon_param_reaches_the_optimizer(params_file, base_dir, tmp_path, eps):
+    from transformers import Trainer
+    cfg = train.read_config(params_file(train__adam_epsilon=eps), "full")
+    model = train.build_model(base_dir, "full", cfg)
+    optimizer = Trainer(model=model, args=train.training_args(cfg, str(tmp_path))).create_optimizer()
+    assert optimizer.defaults["eps"] == eps and optimizer.defaults["betas"] == (0.9, 0.999)
