@@ -188,5 +188,6 @@ def test_adam_epsilon_param_reaches_the_optimizer(params_file, base_dir, tmp_pat
     from transformers import Trainer
     cfg = train.read_config(params_file(train__adam_epsilon=eps), "full")
     model = train.build_model(base_dir, "full", cfg)
-    optimizer = Trainer(model=model, args=train.training_args(cfg, str(tmp_path))).create_optimizer()
+    trainer = Trainer(model=model, args=train.training_args(cfg, str(tmp_path)), eval_dataset=[{}])
+    optimizer = trainer.create_optimizer()
     assert optimizer.defaults["eps"] == eps and optimizer.defaults["betas"] == (0.9, 0.999)
