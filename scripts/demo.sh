@@ -7,6 +7,7 @@
 #   dvc exp run -S lora.rank=8   reruns only train-lora, generate@lora, score@lora and report,
 #   dvc metrics diff             shows what that changed, and dvc exp show lists both runs.
 set -euo pipefail
+export DVC_NO_ANALYTICS=1  # no usage reports from an offline demo
 here=$(cd "$(dirname "$0")/.." && pwd)
 ws=${1:-$here/demo}
 start=$SECONDS
@@ -44,6 +45,7 @@ git config user.email demo@localhost
 git config user.name demo
 dvc init -q
 dvc config core.autostage true
+dvc config core.analytics false
 git add -A
 git commit -qm "Pipeline as shipped (paper defaults)"
 

@@ -9,6 +9,7 @@ without timings) and `--costs` (a metrics file of times, throughput and memory, 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import tempfile
@@ -29,7 +30,7 @@ from stages.outputs import atomic_dir, check_writable, write_json
 
 KNOWN = {
     "train": ("seed", "epochs", "batch_size", "label_smoothing", "warmup_steps", "max_grad_norm", "adam_epsilon",
-              "gpt2_dropout"),
+              "gpt2_dropout", "processes"),
     "lora": ("rank", "alpha", "dropout", "targets", "lr", "weight_decay"),
     "full": ("lr", "weight_decay"),
 }
@@ -50,6 +51,7 @@ def read_config(params: dict, method: str) -> dict:
         "max_grad_norm": P.number(params, "train.max_grad_norm", min=0),
         "adam_epsilon": P.number(params, "train.adam_epsilon", min=0, min_inclusive=False),
         "gpt2_dropout": P.number(params, "train.gpt2_dropout", min=0, max=1, max_inclusive=False),
+        "processes": P.number(params, "train.processes", kind=int, min=1, max=1024),
         "lr": P.number(params, f"{method}.lr", min=0, min_inclusive=False),
         "weight_decay": P.number(params, f"{method}.weight_decay", min=0),
     }
@@ -148,11 +150,34 @@ def training_args(cfg: dict, output_dir: str) -> TrainingArguments:
         save_strategy="no", report_to="none", remove_unused_columns=False,
         disable_tqdm=not sys.stderr.isatty(),  # a bar with ETA on a terminal; EpochSummary lines in a log
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Several processes: NCCL between GPUs, gloo between CPU processes (use_cpu lets accelerate see them).
+        use_cpu=not torch.cuda.is_available(), ddp_backend=None if torch.cuda.is_available() else "gloo",
+        ddp_find_unused_parameters=False,  # every trainable weight takes part in every step
     )
 
 
 def deterministic_log(log_history: list[dict]) -> list[dict]:
     return [{k: v for k, v in entry.items() if not k.endswith(TIMING_SUFFIXES)} for entry in log_history]
+
+
+def launch(processes: int, argv: list[str]) -> int:
+    """Run this stage in `processes` worker processes under torch's elastic launcher (what `torchrun` runs).
+
+    The Trainer then shards the data (NCCL on GPUs, gloo on CPU); rank 0 alone writes. If one worker fails, the
+    launcher stops the others (no rank is left waiting in a collective) and names the first failure.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={processes}", "--monitor-interval=0.5",
+                                         "--module", "stages.train", *argv])
+    try:
+        run(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        raise RunError(f"rank {rank} of {processes} exited with status {failure.exitcode} (its error is above); "
+                       "the other ranks were stopped") from None
+    return 0
 
 
 def main(argv=None) -> int:
@@ -170,6 +195,8 @@ def main(argv=None) -> int:
     cfg = read_config(P.load(), args.method)
     for path in (args.out, args.costs, Path(args.live) / "metrics.json"):
         check_writable(path)
+    if cfg["processes"] > 1 and "LOCAL_RANK" not in os.environ:  # the launcher sets LOCAL_RANK in each worker
+        return launch(cfg["processes"], list(sys.argv[1:] if argv is None else argv))
     data, base = Path(args.data), Path(args.base)
     train_set, eval_set = load_split(data, "train"), load_split(data, "validation")
     identity = gpt2.base_identity(base)
@@ -185,7 +212,7 @@ def main(argv=None) -> int:
     # Only the main process logs; DVCLive must not touch dvc.yaml (the pipeline declares its files).
     live = Live(dir=args.live, dvcyaml=None, save_dvc_exp=False, report=None) if targs.process_index == 0 else None
     callbacks = [StopOnNonFinite(), LiveMetrics(live=live)]
-    if targs.disable_tqdm:
+    if targs.disable_tqdm and targs.process_index == 0:
         callbacks.append(EpochSummary(f"train-{args.method}"))
     trainer = Trainer(model=model, args=targs, train_dataset=train_set, eval_dataset=eval_set,
                       data_collator=gpt2.collate, callbacks=callbacks)

@@ -25,7 +25,7 @@ TINY = {
 
 
 def run(cmd, cwd, **env):
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", **env}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
@@ -74,9 +74,18 @@ def test_preprocess_knob_reruns_everything_but_download(demo):
                                "generate@full", "score@base", "score@lora", "score@full", "report"}
 
 
+def test_two_processes_rerun_only_training_and_what_follows(demo):
+    """One knob for several processes (GPUs): the pipeline's definition does not change, only what it trains."""
+    ws, _ = demo
+    out = run(["dvc", "exp", "run", "-S", "train.processes=2"], cwd=ws)
+    assert stages_run(out) == {"train-lora", "train-full", "generate@lora", "generate@full", "score@lora",
+                               "score@full", "report"}
+    assert out.count("trainable parameters") == 2  # each training stage reports once (rank 0), not per rank
+
+
 def test_bad_param_fails_the_stage_with_its_name_and_keeps_outputs_whole(demo):
     ws, _ = demo
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     proc = subprocess.run(["dvc", "exp", "run", "-S", "lora.rank=0"], cwd=ws, env=env, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "lora.rank must be >= 1, got 0" in proc.stdout + proc.stderr
