@@ -22,7 +22,7 @@ from dvclive import Live
 from transformers import GPT2LMHeadModel, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import DVCLiveCallback
 
-from stages import cli, gpt2, lora
+from stages import checkpoints, cli, gpt2, lora
 from stages import params as P
 from stages import runtime
 from stages.cli import InputError, RunError
@@ -30,7 +30,7 @@ from stages.outputs import atomic_dir, check_writable, write_json
 
 KNOWN = {
     "train": ("seed", "epochs", "batch_size", "label_smoothing", "warmup_steps", "max_grad_norm", "adam_epsilon",
-              "gpt2_dropout", "processes"),
+              "gpt2_dropout", "processes", "checkpoint_steps"),
     "lora": ("rank", "alpha", "dropout", "targets", "lr", "weight_decay"),
     "full": ("lr", "weight_decay"),
 }
@@ -52,6 +52,7 @@ def read_config(params: dict, method: str) -> dict:
         "adam_epsilon": P.number(params, "train.adam_epsilon", min=0, min_inclusive=False),
         "gpt2_dropout": P.number(params, "train.gpt2_dropout", min=0, max=1, max_inclusive=False),
         "processes": P.number(params, "train.processes", kind=int, min=1, max=1024),
+        "checkpoint_steps": P.number(params, "train.checkpoint_steps", kind=int, min=0),
         "lr": P.number(params, f"{method}.lr", min=0, min_inclusive=False),
         "weight_decay": P.number(params, f"{method}.weight_decay", min=0),
     }
@@ -137,8 +138,10 @@ def build_model(base_dir: Path, method: str, cfg: dict) -> GPT2LMHeadModel:
     return model
 
 
-def training_args(cfg: dict, output_dir: str) -> TrainingArguments:
-    """Table 11's loop as TrainingArguments (AdamW betas 0.9/0.999 and eps from the authors' optimizer.py)."""
+def training_args(cfg: dict, output_dir: str, checkpoints: bool = False) -> TrainingArguments:
+    """Table 11's loop as TrainingArguments (AdamW betas 0.9/0.999 and eps from the authors' optimizer.py).
+    `output_dir` holds the Trainer's checkpoints, every train.checkpoint_steps steps, when `checkpoints`."""
+    every = cfg["checkpoint_steps"] if checkpoints else 0
     return TrainingArguments(
         output_dir=output_dir, seed=cfg["seed"], num_train_epochs=cfg["epochs"],
         per_device_train_batch_size=cfg["batch_size"], per_device_eval_batch_size=cfg["batch_size"],
@@ -147,17 +150,23 @@ def training_args(cfg: dict, output_dir: str) -> TrainingArguments:
         lr_scheduler_type="linear", warmup_steps=cfg["warmup_steps"],
         label_smoothing_factor=cfg["label_smoothing"], max_grad_norm=cfg["max_grad_norm"],
         eval_strategy="epoch", logging_steps=0.02, logging_first_step=True, logging_nan_inf_filter=False,
-        save_strategy="no", report_to="none", remove_unused_columns=False,
+        save_strategy="steps" if every else "no", save_steps=every or 500, save_total_limit=1,
+        report_to="none", remove_unused_columns=False,
         disable_tqdm=not sys.stderr.isatty(),  # a bar with ETA on a terminal; EpochSummary lines in a log
         dataloader_pin_memory=torch.cuda.is_available(),
-        # Several processes: NCCL between GPUs, gloo between CPU processes (use_cpu lets accelerate see them).
-        use_cpu=not torch.cuda.is_available(), ddp_backend=None if torch.cuda.is_available() else "gloo",
+        # Several CPU processes (train.processes > 1, no GPU): gloo, and use_cpu lets accelerate see them.
+        # GPUs: NCCL, accelerate's default. One process: neither, or accelerate looks for a process group.
+        **({"use_cpu": True, "ddp_backend": "gloo"}
+           if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else {}),
         ddp_find_unused_parameters=False,  # every trainable weight takes part in every step
     )
 
 
 def deterministic_log(log_history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in entry.items() if not k.endswith(TIMING_SUFFIXES)} for entry in log_history]
+    """The Trainer's log without wall-clock fields, and without its final mean `train_loss`, which after a resume
+    averages only the steps since the checkpoint; the per-log losses are all there."""
+    return [{k: v for k, v in entry.items() if not k.endswith(TIMING_SUFFIXES) and k != "train_loss"}
+            for entry in log_history]
 
 
 def launch(processes: int, argv: list[str]) -> int:
@@ -188,6 +197,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output directory (weights or adapter, train_info, log)")
     ap.add_argument("--costs", required=True, help="metrics file for time, throughput and peak memory")
     ap.add_argument("--live", required=True, help="DVCLive directory: loss and learning-rate curves, eval loss")
+    ap.add_argument("--checkpoints", help="directory for resumable checkpoints (kept until the run finishes)")
     args = ap.parse_args(argv)
     runtime.keep_freed_memory()
     datasets.disable_progress_bars()
@@ -207,10 +217,20 @@ def main(argv=None) -> int:
     gpt2.check_fits(model, longest, f"{data}: longest training example")
     trainable = lora.count_trainable(model)
 
-    scratch = tempfile.TemporaryDirectory()  # the Trainer wants an output_dir; nothing is saved there
-    targs = training_args(cfg, scratch.name)
+    scratch = None if args.checkpoints else tempfile.TemporaryDirectory()  # the Trainer wants an output_dir
+    home = Path(args.checkpoints) if args.checkpoints else Path(scratch.name)
+    targs = training_args(cfg, str(home), checkpoints=bool(args.checkpoints))
+    resume = None
+    if args.checkpoints and targs.process_index == 0:  # rank 0 decides; the other ranks follow it
+        code = [Path(m.__file__) for m in (sys.modules[__name__], lora, gpt2, checkpoints)]
+        fp = checkpoints.fingerprint(cfg, args.method, [data / "train", data / "validation"], identity, code)
+        resume = checkpoints.prepare(home, fp)
+    if args.checkpoints and targs.world_size > 1:
+        torch.distributed.barrier()
+        resume = resume or checkpoints.latest(home)
     # Only the main process logs; DVCLive must not touch dvc.yaml (the pipeline declares its files).
-    live = Live(dir=args.live, dvcyaml=None, save_dvc_exp=False, report=None) if targs.process_index == 0 else None
+    live = (Live(dir=args.live, dvcyaml=None, save_dvc_exp=False, report=None, resume=resume is not None)
+            if targs.process_index == 0 else None)
     callbacks = [StopOnNonFinite(), LiveMetrics(live=live)]
     if targs.disable_tqdm and targs.process_index == 0:
         callbacks.append(EpochSummary(f"train-{args.method}"))
@@ -218,8 +238,9 @@ def main(argv=None) -> int:
                       data_collator=gpt2.collate, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # a dict per log on stdout: EpochSummary and DVCLive say it better
     start = time.perf_counter()
-    with scratch:
-        trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if scratch is not None:
+        scratch.cleanup()
     seconds = time.perf_counter() - start
     if not trainer.is_world_process_zero():
         return 0
@@ -243,6 +264,8 @@ def main(argv=None) -> int:
     write_json(args.costs, costs)
     live.log_metric("train/tokens_per_s", costs["train_tokens_per_s"], plot=False)
     live.make_summary()
+    if args.checkpoints:
+        checkpoints.finish(Path(args.checkpoints))
     print(f"train-{args.method}: {trainable:,} trainable parameters, {seconds:.0f} s -> {args.out}", file=sys.stderr)
     return 0
 

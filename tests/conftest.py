@@ -68,3 +68,39 @@ def raw_dir(tmp_path) -> Path:
     write_csv(raw / "dev.csv", sample_rows("devset.csv", 2))
     write_csv(raw / "test.csv", sample_rows("testset_w_refs.csv", 3))
     return raw
+
+
+TINY_GPT2 = dict(vocab_size=50257, n_positions=128, n_embd=16, n_layer=1, n_head=2)
+
+
+def make_workspace(ws: Path, overrides: dict, train_mrs: int = 3) -> Path:
+    """A pipeline workspace after preprocess: data/raw (cut from the sample), models/base (a tiny random GPT-2
+    with the real tokenizer), params.yaml (defaults + `overrides`, dotted keys) and data/prepared."""
+    import json
+    import os
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from stages import preprocess
+
+    raw = ws / "data" / "raw"
+    write_csv(raw / "train.csv", sample_rows("trainset.csv", train_mrs))
+    write_csv(raw / "dev.csv", sample_rows("devset.csv", 1))
+    write_csv(raw / "test.csv", sample_rows("testset_w_refs.csv", 2))
+    torch.manual_seed(0)
+    base = ws / "models" / "base"
+    GPT2LMHeadModel(GPT2Config(**TINY_GPT2)).save_pretrained(base)
+    (base / "tokenizer.json").write_bytes(TOKENIZER.read_bytes())
+    (base / "identity.json").write_text(json.dumps({"name": "tiny", "revision": None, "model_sha256": "0" * 64}))
+    params = default_params()
+    for key, value in overrides.items():
+        set_key(params, key, value)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    cwd = os.getcwd()
+    os.chdir(ws)
+    try:
+        preprocess.main(["--raw", "data/raw", "--tokenizer", str(TOKENIZER), "--out", "data/prepared"])
+    finally:
+        os.chdir(cwd)
+    return ws

@@ -18,40 +18,17 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import TOKENIZER, default_params, set_key, write_csv
+from conftest import TOKENIZER, make_workspace, set_key, write_csv
 from stages import cli, preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(vocab_size=50257, n_positions=128, n_embd=16, n_layer=1, n_head=2)
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """A workspace with data/raw, models/base (tiny GPT-2), data/prepared, like the pipeline's after preprocess."""
-    ws = tmp_path_factory.mktemp("ws")
-    from conftest import sample_rows
-    raw = ws / "data" / "raw"
-    write_csv(raw / "train.csv", sample_rows("trainset.csv", 3))
-    write_csv(raw / "dev.csv", sample_rows("devset.csv", 1))
-    write_csv(raw / "test.csv", sample_rows("testset_w_refs.csv", 2))
-    torch.manual_seed(0)
-    base = ws / "models" / "base"
-    GPT2LMHeadModel(GPT2Config(**TINY)).save_pretrained(base)
-    (base / "tokenizer.json").write_bytes(TOKENIZER.read_bytes())
-    (base / "identity.json").write_text(json.dumps({"name": "tiny", "revision": None, "model_sha256": "0" * 64}))
-    params = default_params()
-    for key, value in FAST.items():
-        set_key(params, key, value)
-    (ws / "params.yaml").write_text(yaml.safe_dump(params))
-    cwd = os.getcwd()
-    os.chdir(ws)
-    try:
-        preprocess.main(["--raw", "data/raw", "--tokenizer", str(TOKENIZER), "--out", "data/prepared"])
-    finally:
-        os.chdir(cwd)
-    return ws
+    return make_workspace(tmp_path_factory.mktemp("ws"), FAST)
 
 
 FAST = {"train.epochs": 1, "train.warmup_steps": 0, "generate.num_beams": 1, "generate.max_new_tokens": 4}

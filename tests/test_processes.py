@@ -11,43 +11,19 @@ from pathlib import Path
 
 import datasets
 import pytest
-import torch
-import yaml
-from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import TOKENIZER, default_params, sample_rows, set_key, write_csv
-from stages import preprocess
+from conftest import make_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(vocab_size=50257, n_positions=128, n_embd=16, n_layer=1, n_head=2)
 TRAIN = ["-m", "stages.train", "--method", "lora", "--data", "data/prepared", "--base", "models/base",
          "--out", "models/lora", "--costs", "costs.json", "--live", "live"]
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    ws = tmp_path_factory.mktemp("procs")
-    raw = ws / "data" / "raw"
-    write_csv(raw / "train.csv", sample_rows("trainset.csv", 4))
-    write_csv(raw / "dev.csv", sample_rows("devset.csv", 1))
-    write_csv(raw / "test.csv", sample_rows("testset_w_refs.csv", 2))
-    torch.manual_seed(0)
-    base = ws / "models" / "base"
-    GPT2LMHeadModel(GPT2Config(**TINY)).save_pretrained(base)
-    (base / "tokenizer.json").write_bytes(TOKENIZER.read_bytes())
-    (base / "identity.json").write_text(json.dumps({"name": "tiny", "revision": None, "model_sha256": "0" * 64}))
-    params = default_params()
-    for key, value in {"train.epochs": 2, "train.warmup_steps": 0, "train.batch_size": 4, "lora.lr": 0.05,
-                       "train.processes": 2, "generate.num_beams": 2, "generate.max_new_tokens": 6}.items():
-        set_key(params, key, value)
-    (ws / "params.yaml").write_text(yaml.safe_dump(params))
-    cwd = os.getcwd()
-    os.chdir(ws)
-    try:
-        preprocess.main(["--raw", "data/raw", "--tokenizer", str(TOKENIZER), "--out", "data/prepared"])
-    finally:
-        os.chdir(cwd)
-    return ws
+    return make_workspace(tmp_path_factory.mktemp("procs"), {
+        "train.epochs": 2, "train.warmup_steps": 0, "train.batch_size": 4, "lora.lr": 0.05, "train.processes": 2,
+        "generate.num_beams": 2, "generate.max_new_tokens": 6}, train_mrs=4)
 
 
 def run(ws, args, env=None, timeout=900):
