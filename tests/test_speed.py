@@ -145,3 +145,19 @@ def test_compile_for_generation_only_when_asked():
     assert speed.compile_for_generation(model, False).forward == original
     compiled = speed.compile_for_generation(model, True)
     assert compiled is model and model.forward != original and callable(model.forward)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_ngram_ban_equals_transformers(n):
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+    g = torch.Generator().manual_seed(n)
+    for length in range(0, 14):
+        ids = torch.randint(0, 6, (12, length), generator=g)  # a 6-token alphabet: many repeats
+        scores = torch.randn(12, 9, generator=g)
+        expected = NoRepeatNGramLogitsProcessor(n)(ids, scores.clone())
+        got = speed.ban_repeated_ngrams(ids, scores.clone(), n)
+        assert torch.equal(torch.isinf(got), torch.isinf(expected)), (n, length)
+        assert torch.equal(got[~torch.isinf(got)], scores[~torch.isinf(got)])
+    assert torch.isinf(speed.ban_repeated_ngrams(torch.tensor([[1, 2, 3, 1, 2]]), torch.zeros(1, 5), 3)).tolist() \
+        == [[False, False, False, True, False]]  # "1 2" was followed by 3: 3 is banned, nothing else
