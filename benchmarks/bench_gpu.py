@@ -19,8 +19,9 @@ evaluation the train stage runs.
 
 Decoding: the paper's settings (beam 10, length penalty 0.9, no repeated 4-gram, 64 new tokens) through
 stages.generate.generate on 630 contexts (the E2E test set's size; the sample's 230 distinct MRs, cycled). The
-decoder is pluggable (`--decoder module:function`, same signature). Random weights almost never emit EOS, so every
-beam runs all 64 tokens: decoding times are an upper bound for a trained model, which stops earlier.
+decoder is pluggable (`--decoder module:function`, same signature). EOS's embedding row is zeroed so that the random
+model never stops early: every beam runs all 64 tokens (`mean_output_tokens` shows it), an upper bound for a trained
+model, which stops after about 25-40 steps.
 
 Projection: per method 5 x 5,258 steps (42,061 rows / batch 8) + warm-up, 5 x 584 eval batches (4,672 dev rows),
 decoding 630 MRs for each of base, lora and full (dvc.yaml), and scoring from a constant measured on the 2-core CPU
@@ -32,6 +33,7 @@ under a minute on a CPU and exists so the script cannot rot (tests/test_bench_gp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import json
@@ -48,11 +50,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from stages import params as P  # noqa: E402
+from stages import runtime  # noqa: E402
 from stages import speed  # noqa: E402
 from stages.e2e import group_by_mr, read_e2e_csv  # noqa: E402
 from stages.lora import add_lora, count_trainable  # noqa: E402
 from stages.preprocess import encode_context, encode_example, load_tokenizer  # noqa: E402
-from stages.train import collate  # noqa: E402
+from stages.train import EOS, collate  # noqa: E402
 
 TRAIN_ROWS, DEV_ROWS, TEST_MRS, EPOCHS, BATCH = 42_061, 4_672, 630, 5, 8  # E2E v1.0.0; params.yaml train.*
 STEPS_PER_EPOCH, EVAL_BATCHES = math.ceil(TRAIN_ROWS / BATCH), math.ceil(DEV_ROWS / BATCH)  # 5,258 and 584
@@ -81,15 +84,16 @@ def plan(shrunk: bool) -> list[tuple[str, tuple]]:
     def t(method, **o):
         return "train", (method, {**DEFAULT, **o})
 
-    def d(precision, compiled, bs):
-        return "decode", (precision, compiled, bs)
+    def d(precision, compiled, bs, vec_ban=False):
+        return "decode", (precision, compiled, bs, vec_ban)
     if shrunk:  # the last four are refused on a CPU: listed under "skipped" with the reason
-        return [t("lora"), t("full"), t("peft"), d("fp32", False, 2), t("lora", group=True), t("lora", workers=1),
+        return [t("lora"), t("full"), t("peft"), d("fp32", False, 2), d("fp32", False, 2, vec_ban=True),
+                t("lora", group=True), t("lora", workers=1),
                 d("fp32", False, 4), t("lora", precision="bf16"), t("lora", compile=True), t("lora", pin=True),
                 d("bf16", False, 2)]
     return ([t("lora"), t("full"), t("peft"), d("fp32", False, 16)]
             + [t(m, precision=p) for p in ("bf16", "tf32") for m in ("lora", "full", "peft")]
-            + [d("bf16", False, 16), d("fp32", False, 64)]
+            + [d("bf16", False, 16), d("fp32", False, 64), d("fp32", False, 16, vec_ban=True)]
             + [t("lora", pin=False), t("lora", workers=2), t("full", workers=2), t("lora", group=True),
                t("full", group=True), t("lora", precision="bf16", group=True, workers=2),
                t("full", precision="bf16", group=True, workers=2),
@@ -257,32 +261,63 @@ def measure_train(method: str, o: dict, shape: dict, examples: list[dict], devic
     return out
 
 
+@contextlib.contextmanager
+def vectorised_ban():
+    """stages.generate's output-only n-gram ban switched to speed.ban_repeated_ngrams (the change proposed for the
+    generate stage: no host sync per hypothesis per step), for the duration."""
+    import stages.generate as G
+
+    original = G.NoRepeatNGramInOutput.__call__
+
+    def call(self, input_ids, scores):
+        return speed.ban_repeated_ngrams(input_ids[:, self.prompt_len:], scores, self.ban.ngram_size)
+    G.NoRepeatNGramInOutput.__call__ = call
+    try:
+        yield
+    finally:
+        G.NoRepeatNGramInOutput.__call__ = original
+
+
 def measure_decode(decoder, tok, shape: dict, contexts: list, device: str, precision: str, compiled: bool,
-                   batch_size: int, max_s: float, warm: int) -> dict:
+                   batch_size: int, max_s: float, warm: int, vec_ban: bool = False) -> dict:
     mem = Memory(device)
     mem.reset()
-    model = speed.compile_for_generation(build_model(shape, device).eval(), compiled)  # merged LoRA = plain GPT-2
+    model = build_model(shape, device).eval()  # merged LoRA = plain GPT-2: one model stands for all three
+    # A random GPT-2 mostly predicts its input token (tied embeddings: the residual stream still looks like the
+    # input embedding), and every context ends with <|endoftext|>: it would stop at once and time nothing. Zeroing
+    # EOS's (tied) embedding row makes its logit 0 among 50,256 random ones: EOS is (almost) never chosen, every beam
+    # runs all 64 tokens, and the repeats trigger the 4-gram ban. An upper bound for a trained model.
+    with torch.no_grad():
+        model.transformer.wte.weight[EOS] = 0
+    model = speed.compile_for_generation(model, compiled)
     cfg = {**PAPER_DECODING, "batch_size": batch_size}
 
     def decode(ids):
         return tok.decode(ids, skip_special_tokens=True)
 
+    extra = {"ngram_ban": "vectorised" if vec_ban else "transformers"}
     with speed.precision_context(precision, device):
-        decoder(model, contexts[:warm], cfg, decode)  # warm-up batch, untimed (compile, allocator, cuBLAS)
-        sync(device)
-        done, outputs, start = 0, [], time.perf_counter()
-        while done < len(contexts) and (done == 0 or time.perf_counter() - start < max_s):
-            outputs += decoder(model, contexts[done:done + batch_size], cfg, decode)
-            done = len(outputs)
-        sync(device)
-        seconds = time.perf_counter() - start
+        reference = decoder(model, contexts[:warm], cfg, decode) if vec_ban else None  # transformers' ban
+        with vectorised_ban() if vec_ban else contextlib.nullcontext():
+            warm_out = decoder(model, contexts[:warm], cfg, decode)  # untimed warm-up (compile, allocator, cuBLAS)
+            if vec_ban:  # the proposed ban must not change a single output
+                extra["same_outputs_as_transformers_ban"] = warm_out == reference
+            sync(device)
+            done, outputs, start = 0, [], time.perf_counter()
+            while done < len(contexts) and (done == 0 or time.perf_counter() - start < max_s):
+                outputs += decoder(model, contexts[done:done + batch_size], cfg, decode)
+                done = len(outputs)
+            sync(device)
+            seconds = time.perf_counter() - start
     del model
     if compiled:
         torch._dynamo.reset()
+    tokens = [len(tok.encode(x)) for x in outputs] if tok is not None else [0]
     return {"precision": precision, "compile": compiled, "batch_size": batch_size, "contexts": len(contexts),
+            "mean_output_tokens": sum(tokens) / len(tokens),
             "contexts_measured": done, "seconds": seconds, "outputs_per_s": done / seconds,
             "projected_630_s": TEST_MRS * seconds / done, "empty_outputs": sum(not x for x in outputs),
-            "peak_memory_mib": mem.peak_mib(), "peak_memory_kind": mem.kind}
+            "peak_memory_mib": mem.peak_mib(), "peak_memory_kind": mem.kind, **extra}
 
 
 def skip_reason(o: dict, device: str) -> str | None:
@@ -348,14 +383,17 @@ def device_info(device: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_gpu.json", help="JSON file to write (sorted keys)")
-    ap.add_argument("--shrink", action="store_true", help="tiny shape, few steps (automatic without CUDA)")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--shrink", action="store_true", help="tiny shape, few steps (automatic without CUDA)")
+    size.add_argument("--no-shrink", action="store_true", help="the full measurement even without CUDA (slow)")
     ap.add_argument("--budget-s", type=float, default=None, help="stop starting measurements after this many "
                     "seconds (default 400; shrunk 30)")
     ap.add_argument("--decoder", default="stages.generate:generate", help="module:function, generate()'s signature")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
+    runtime.keep_freed_memory()  # as the stages do: on a CPU, freed logits buffers are not page-faulted in again
     device = speed.device_type()
-    shrunk = args.shrink or device != "cuda"
+    shrunk = args.shrink or (device != "cuda" and not args.no_shrink)
     budget = args.budget_s if args.budget_s is not None else (30 if shrunk else 400)
     mod, _, fn = args.decoder.partition(":")
     decoder = getattr(importlib.import_module(mod), fn)
@@ -382,9 +420,11 @@ def main(argv=None) -> int:
             reason = skip_reason(o, device)
             need = (120 if o["compile"] else 10) if not shrunk else 2
         else:
-            precision, compiled, bs = job
-            name = f"{precision}{'+compile' if compiled else ''}/bs{bs}"
+            precision, compiled, bs, vec_ban = job
+            name = f"{precision}{'+compile' if compiled else ''}/bs{bs}{'+vecban' if vec_ban else ''}"
             reason = skip_reason({**DEFAULT, "precision": precision, "compile": compiled}, device)
+            if vec_ban and args.decoder != "stages.generate:generate":
+                reason = "the vectorised n-gram ban patches stages.generate's decoder only"
             need = (120 if compiled else 20) if not shrunk else 2
         if reason is None and left < need and i >= 4:  # the default-fidelity figures are always measured
             reason = f"time budget: {left:.0f} s left of --budget-s {budget:g}, this needs ~{need} s"
@@ -399,7 +439,7 @@ def main(argv=None) -> int:
             else:
                 result["decode"][name] = measure_decode(decoder, tok, shape, contexts, device, precision, compiled,
                                                         bs, min(dec_max_s if i == 3 else dec_max_s / 2,
-                                                                max(left - need, 5)), 1 if shrunk else bs)
+                                                                max(left - need, 5)), 1 if shrunk else bs, vec_ban)
         except Exception as e:  # one failing option must not lose the others' figures; reported and exit 1
             result["errors"][f"{kind}:{name}"] = f"{type(e).__name__}: {e}"[:500]
             gc.collect()
@@ -408,12 +448,15 @@ def main(argv=None) -> int:
         p: tr[f"lora/{p}"]["tokens_per_s"] / tr[f"peft/{p}"]["tokens_per_s"]
         for p in speed.PRECISIONS if f"lora/{p}" in tr and f"peft/{p}" in tr}
     result["projection"] = {
+        # The pipeline as it is: params.yaml's defaults, generate.batch_size 16, transformers' n-gram ban.
         "default": project(tr, dc, lambda r: all(r.get(k, v) == v for k, v in (
-            ("precision", "fp32"), ("compile", False), ("workers", 0), ("group", False),
-            ("batch_size", default_bs))) and r.get("pin_memory", device == "cuda") == (device == "cuda")),
+            ("precision", "fp32"), ("compile", False), ("workers", 0), ("group", False), ("batch_size", default_bs),
+            ("ngram_ban", "transformers"), ("pin_memory", device == "cuda")))),
+        # Options and proposed changes that leave every number as it is (loader workers, pinned memory, decode
+        # batch size, the vectorised n-gram ban: its outputs are checked equal in the run).
         "same_numbers": project(tr, dc, lambda r: r["precision"] == "fp32" and not r["compile"]
-                                and not r.get("group", False)),
-        "best": project(tr, dc, lambda r: True),
+                                and not r.get("group", False) and r.get("same_outputs_as_transformers_ban", True)),
+        "best": project(tr, dc, lambda r: r.get("same_outputs_as_transformers_ban", True)),
         "protocol": {"epochs": EPOCHS, "steps_per_epoch": STEPS_PER_EPOCH, "eval_batches_per_epoch": EVAL_BATCHES,
                      "test_mrs": TEST_MRS, "decoded_systems": list(DECODED), "score_first_s": SCORE_FIRST_S,
                      "score_warm_s": SCORE_WARM_S, "score_source": "benchmarks/NOTES.md, 2-core CPU, 2026-11-28",
