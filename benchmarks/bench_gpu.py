@@ -54,8 +54,8 @@ from stages import runtime  # noqa: E402
 from stages import speed  # noqa: E402
 from stages.e2e import group_by_mr, read_e2e_csv  # noqa: E402
 from stages.lora import add_lora, count_trainable  # noqa: E402
-from stages.preprocess import encode_context, encode_example, load_tokenizer  # noqa: E402
-from stages.train import EOS, collate  # noqa: E402
+from stages.gpt2 import EOS, collate, load_tokenizer  # noqa: E402
+from stages.preprocess import encode_batch, encode_contexts  # noqa: E402
 
 TRAIN_ROWS, DEV_ROWS, TEST_MRS, EPOCHS, BATCH = 42_061, 4_672, 630, 5, 8  # E2E v1.0.0; params.yaml train.*
 STEPS_PER_EPOCH, EVAL_BATCHES = math.ceil(TRAIN_ROWS / BATCH), math.ceil(DEV_ROWS / BATCH)  # 5,258 and 584
@@ -105,8 +105,9 @@ def plan(shrunk: bool) -> list[tuple[str, tuple]]:
 def e2e_data(tok) -> tuple[list[dict], list[list[int]]]:
     """Training examples of every shipped sample row, and the distinct MRs' contexts (paper format)."""
     rows = [r for name in ("trainset.csv", "devset.csv", "testset_w_refs.csv") for r in read_e2e_csv(SAMPLE / name)]
-    examples = [encode_example(tok, mr, ref, "paper") for mr, ref in rows]
-    contexts = [encode_context(tok, mr, "paper") for mr, _ in group_by_mr(rows)]
+    enc = encode_batch({"mr": [mr for mr, _ in rows], "ref": [ref for _, ref in rows]}, tok, "paper")
+    examples = [{"input_ids": ids, "n_context": n} for ids, n in zip(enc["input_ids"], enc["n_context"])]
+    contexts = encode_contexts(tok, [mr for mr, _ in group_by_mr(rows)], "paper")
     return examples, contexts
 
 

@@ -25,7 +25,7 @@ import torch
 from transformers import GPT2LMHeadModel, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
-from stages import cli, gpt2, lora
+from stages import cli, gpt2, lora, speed
 from stages import params as P
 from stages import runtime
 from stages.cli import InputError
@@ -38,6 +38,7 @@ KNOWN = ("num_beams", "length_penalty", "no_repeat_ngram_size", "max_new_tokens"
 def read_config(params: dict) -> dict:
     P.warn_unknown(params, "generate", KNOWN)
     return {
+        "speed": speed.resolve(speed.read_config(params), speed.device_type()),
         "num_beams": P.number(params, "generate.num_beams", kind=int, min=1),
         "length_penalty": P.number(params, "generate.length_penalty"),
         "no_repeat_ngram_size": P.number(params, "generate.no_repeat_ngram_size", kind=int, min=0),
@@ -82,7 +83,8 @@ class NoRepeatNGramInOutput(LogitsProcessor):
         self.ban, self.prompt_len = NoRepeatNGramLogitsProcessor(n), prompt_len
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        return self.ban(input_ids[:, self.prompt_len:], scores)
+        # The same bans as transformers' processor, without its per-hypothesis device-to-host copy every step.
+        return speed.ban_repeated_ngrams(input_ids[:, self.prompt_len:], scores, self.ban.ngram_size)
 
 
 def one_line(text: str) -> str:
@@ -112,7 +114,7 @@ def generate(model, contexts: list[list[int]], cfg: dict, decode) -> list[str]:
             max_new_tokens=cfg["max_new_tokens"], eos_token_id=EOS, pad_token_id=EOS,
             early_stopping=cfg["early_stopping"],
         )
-        outputs += [one_line(decode(row[width:].tolist())) for row in out]
+        outputs += [one_line(decode(row)) for row in out[:, width:].cpu().tolist()]  # one copy per batch
     return outputs
 
 
@@ -143,8 +145,10 @@ def main(argv=None) -> int:
     longest = max(len(c) for c in contexts)
     gpt2.check_fits(model, longest + cfg["max_new_tokens"],
                     f"longest test context ({longest}) + generate.max_new_tokens ({cfg['max_new_tokens']})")
+    model = speed.compile_for_generation(model, cfg["speed"]["compile"])
     start = time.perf_counter()
-    preds = generate(model, contexts, cfg, lambda ids: tok.decode(ids, skip_special_tokens=True))
+    with speed.precision_context(cfg["speed"]["precision"], device):
+        preds = generate(model, contexts, cfg, lambda ids: tok.decode(ids, skip_special_tokens=True))
     seconds = time.perf_counter() - start
     with atomic_file(out) as f:
         f.writelines(p + "\n" for p in preds)

@@ -76,7 +76,9 @@ class LoRAConv1D(nn.Module):
         for i, (t, (lo, hi)) in enumerate(self.blocks.items()):
             # y[:, lo:hi] += scaling · u_t B_tᵀ: one in-place GEMM writing only t's columns; no full-width,
             # zero-padded delta is built. In place is safe: the base addmm's backward needs its inputs, not y.
-            y2[:, lo:hi].addmm_(u[:, i * self.rank:(i + 1) * self.rank], self.lora_B[t].T, alpha=self.scaling)
+            # Under bf16 autocast y and u are bf16 while B stays fp32: addmm_ (in place, not autocast) needs one dtype.
+            y2[:, lo:hi].addmm_(u[:, i * self.rank:(i + 1) * self.rank].to(y2.dtype), self.lora_B[t].T.to(y2.dtype),
+                                alpha=self.scaling)
         return y
 
     def extra_repr(self) -> str:

@@ -22,7 +22,7 @@ from dvclive import Live
 from transformers import GPT2LMHeadModel, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import DVCLiveCallback
 
-from stages import checkpoints, cli, gpt2, lora
+from stages import checkpoints, cli, gpt2, lora, speed
 from stages import params as P
 from stages import runtime
 from stages.cli import InputError, RunError
@@ -56,6 +56,7 @@ def read_config(params: dict, method: str) -> dict:
         "lr": P.number(params, f"{method}.lr", min=0, min_inclusive=False),
         "weight_decay": P.number(params, f"{method}.weight_decay", min=0),
     }
+    cfg["speed"] = speed.resolve(speed.read_config(params), speed.device_type())
     if method == "lora":
         cfg["rank"] = P.number(params, "lora.rank", kind=int, min=1)
         cfg["alpha"] = P.number(params, "lora.alpha", min=0, min_inclusive=False)
@@ -153,7 +154,7 @@ def training_args(cfg: dict, output_dir: str, checkpoints: bool = False) -> Trai
         save_strategy="steps" if every else "no", save_steps=every or 500, save_total_limit=1,
         report_to="none", remove_unused_columns=False,
         disable_tqdm=not sys.stderr.isatty(),  # a bar with ETA on a terminal; EpochSummary lines in a log
-        dataloader_pin_memory=torch.cuda.is_available(),
+        **speed.training_kwargs(cfg["speed"]),  # precision, compile, loader workers, pinned memory, sampler
         # Several CPU processes (train.processes > 1, no GPU): gloo, and use_cpu lets accelerate see them.
         # GPUs: NCCL, accelerate's default. One process: neither, or accelerate looks for a process group.
         **({"use_cpu": True, "ddp_backend": "gloo"}

@@ -157,14 +157,7 @@ def test_projection_picks_the_fastest_allowed_config():
     assert "missing" in bench.project(train, decode, lambda r: r["precision"] == "tf32")
 
 
-LORA_BF16_BUG = ("stages/lora.py LoRAConv1D.forward: the in-place addmm_ is not autocast-aware: under bf16 autocast "
-                 "y and u are bf16 and lora_B is fp32 -> 'self and mat2 must have the same dtype'; cast both operands "
-                 "to y2.dtype. Remove this mark when fixed (strict: an unexpected pass fails).")
-
-
-@pytest.mark.parametrize("method", [
-    "full", "peft", pytest.param("lora", marks=pytest.mark.xfail(reason=LORA_BF16_BUG, strict=True,
-                                                                  raises=RuntimeError))])
+@pytest.mark.parametrize("method", ["full", "peft", "lora"])
 def test_bf16_autocast_step_runs_on_cpu(method):
     """The bf16 path is refused for the pipeline on CPU but must not rot: the same step under CPU autocast."""
     tok = bench.load_tokenizer(ROOT / "data" / "gpt2" / "tokenizer.json")
