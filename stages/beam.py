@@ -106,6 +106,8 @@ def _search_batch(model, contexts, num_beams, length_penalty, no_repeat_ngram_si
             past, logits = out.cache, out.logits[:, -1, :]  # (B*K, V)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
+        if torch.isnan(logits).any():
+            raise ValueError(f"beam search: NaN in the model's logits at step {i}")
         V = logits.shape[-1]
         if no_repeat_ngram_size > 0 and i > 0:                        # ban on the logits, before the softmax
             logits = logits.masked_fill(_banned_mask(history, no_repeat_ngram_size, V), float("-inf"))
@@ -141,11 +143,13 @@ def authors_beam_search(model, contexts: list[list[int]], *, num_beams: int, len
                         no_repeat_ngram_size: int, max_new_tokens: int, eos_ids, batch_size: int) -> list[list[int]]:
     """Generated token ids per context, as gpt2_beam.py's `beam()` would choose them, cut before the first EOS.
 
-    model: a transformers GPT2LMHeadModel (any causal LM taking attention_mask, position_ids and `cache`
-    (transformers 5) and returning a reorderable Cache); contexts: token ids (the authors' context is the MR's tokens then 50256); eos_ids: the
-    EOS set (authors: 50256 and 628, `--eos_token_id 628` appended to the default [50256]). Outputs do not depend
-    on batch_size. The returned ids stop before the first EOS id; gpt2_decode.py further cuts the decoded text
-    at "<|endoftext|>" and "\\n\\n" and strips it (stages.authors_data.cut_like_gpt2_decode).
+    model: a transformers (5.x) GPT2LMHeadModel, or any causal LM taking attention_mask, position_ids and `cache`
+    and returning a reorderable Cache. contexts: token ids; the authors' query is the MR's tokens then 50256
+    (gpt2_encode.py lines 57-58, `--add_bos`). eos_ids: the EOS set; the authors' is {50256, 628}
+    (`--eos_token_id 628` appended to the default [50256], gpt2_beam.py line 77). Outputs do not depend on
+    batch_size (speed and memory only). The returned ids stop before the first EOS id. gpt2_decode.py (line 131)
+    then cuts the decoded text at "<|endoftext|>" and "\\n\\n" and strips it: decode without skipping special
+    tokens and apply stages.authors_data.cut_like_gpt2_decode (a "\\n\\n" may also come from other tokens).
     """
     if num_beams < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ValueError("num_beams, max_new_tokens and batch_size must be >= 1")

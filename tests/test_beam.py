@@ -195,3 +195,13 @@ def test_bad_arguments(model):
     with pytest.raises(ValueError):
         authors_beam_search(model, [[1]], num_beams=0, length_penalty=1.0, no_repeat_ngram_size=0,
                             max_new_tokens=3, eos_ids=EOS, batch_size=1)
+
+
+def test_nan_logits_fail_loudly(model):
+    broken = GPT2LMHeadModel(model.config).double().eval()
+    broken.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        broken.transformer.ln_f.bias[0] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        authors_beam_search(broken, [[1, 2]], num_beams=2, length_penalty=1.0, no_repeat_ngram_size=0,
+                            max_new_tokens=3, eos_ids=EOS, batch_size=1)
