@@ -7,8 +7,8 @@ Source: microsoft/LoRA at commit c4593f060e6a368d7bb5af5273b8e42810cdef90, examp
 - src/format_converting_e2e.py lines 12-18: `items = line.strip().split('||')`, context = items[0] (the MR as
   is), completion = items[1]. So leading/trailing whitespace of the line goes, the MR keeps everything up to the
   first `||` (no trailing-space strip of its own), the reference is what follows it.
-- src/gpt2_encode.py lines 55-61 (`--add_bos --add_eos` in the README): tokens(context) + [50256] as the
-  query, tokens(" " + completion) + [50256] as the target.
+- src/gpt2_encode.py lines 55-61, run with `--add_bos --add_eos` (create_datasets.sh lines 6-14):
+  tokens(context) + [50256] is the query, tokens(" " + completion) + [50256] the target.
 - src/gpt2_decode.py lines 104-113 and 133: references are grouped by the context string, in order of first
   appearance, each cut by `.split('<|endoftext|>')[0].split('\\n\\n')[0].strip()`; line 131 cuts the decoded
   prediction the same way.
