@@ -35,22 +35,21 @@ from __future__ import annotations
 import torch
 
 
-def _banned_mask(history: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
-    """(rows, vocab) bool: tokens that would complete an n-gram already present in `history` (rows, steps).
+def _banned(history: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, tokens) index pairs: tokens that would complete an n-gram already in `history` (rows, steps).
 
     Same rule as gpt2_beam.py's `_calc_banned_ngram_tokens` (lines 96-122): the last n-1 generated tokens are
     the prefix; every token that followed that prefix earlier in the same row is banned.
     """
     rows, steps = history.shape
-    banned = torch.zeros(rows, vocab, dtype=torch.bool, device=history.device)
     if n <= 0 or steps < n:
-        return banned
+        empty = history.new_zeros(0)
+        return empty, empty
     grams = history.unfold(1, n, 1)                                  # (rows, steps-n+1, n)
     prefix = history[:, steps - n + 1:]                             # (rows, n-1)
     hit = (grams[:, :, :n - 1] == prefix[:, None, :]).all(-1)        # (rows, steps-n+1)
     row_idx, gram_idx = hit.nonzero(as_tuple=True)
-    banned[row_idx, grams[row_idx, gram_idx, n - 1]] = True
-    return banned
+    return row_idx, grams[row_idx, gram_idx, n - 1]
 
 
 def _offer(best_score, has_best, best_seq, best_len, scores, is_cand, history, num_beams):
@@ -114,17 +113,17 @@ def _search_batch(model, contexts, num_beams, length_penalty, no_repeat_ngram_si
             past, logits = out.cache, out.logits[:, -1, :]  # (B*K, V)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
-        if torch.isnan(logits).any():
-            raise ValueError(f"beam search: NaN in the model's logits at step {i}")
         V = logits.shape[-1]
         if no_repeat_ngram_size > 0 and i > 0:                        # ban on the logits, before the softmax
-            logits = logits.masked_fill(_banned_mask(history, no_repeat_ngram_size, V), float("-inf"))
+            logits[_banned(history, no_repeat_ngram_size)] = float("-inf")   # in place: out is not reused
         logprob = torch.log(torch.softmax(logits, dim=-1))           # as gpt2_beam.py lines 278 and 284
         if i == 0:
             next_scores = logprob                                    # (B, V)
         else:
             next_scores = (beam_scores[:, :, None] + logprob.view(B, K, V)).view(B, K * V)
         beam_scores, flat = torch.topk(next_scores, K, dim=1, largest=True, sorted=True)   # (B, K)
+        if torch.isnan(beam_scores).any():                           # topk ranks NaN first: NaN logits end here
+            raise ValueError(f"beam search: NaN in the model's log-probabilities at step {i}")
         if i == 0:                                                   # all K slots come from the one live beam
             src_rows = torch.arange(B, device=device).repeat_interleave(K)
         else:
