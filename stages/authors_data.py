@@ -1,0 +1,113 @@
+"""The LoRA authors' own E2E text files: `MR||reference` lines, read as their scripts read them.
+
+Source: microsoft/LoRA at commit c4593f060e6a368d7bb5af5273b8e42810cdef90, examples/NLG/:
+- data/e2e/{train,valid,test}.txt: one (MR, reference) pair per line, e.g.
+  `name : Blue Spice | Type : coffee shop | area : city centre||A coffee shop in the city centre area called Blue
+  Spice . ` (MR re-serialised, reference whitespace-tokenised; rows in the official CSVs' order).
+- src/format_converting_e2e.py lines 12-18: `items = line.strip().split('||')`, context = items[0] (the MR as
+  is), completion = items[1]. So leading/trailing whitespace of the line goes, the MR keeps everything up to the
+  first `||` (no trailing-space strip of its own), the reference is what follows it.
+- src/gpt2_encode.py lines 55-61, run with `--add_bos --add_eos` (create_datasets.sh lines 6-14):
+  tokens(context) + [50256] is the query, tokens(" " + completion) + [50256] the target.
+- src/gpt2_decode.py lines 104-113 and 133: references are grouped by the context string, in order of first
+  appearance, each cut by `.split('<|endoftext|>')[0].split('\\n\\n')[0].strip()`; line 131 cuts the decoded
+  prediction the same way.
+Where their scripts would crash (no `||`) or silently drop text (a second `||`), or keep an empty MR or
+reference, we stop with an error naming the file and line.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from stages.e2e import DataError
+
+COMMIT = "c4593f060e6a368d7bb5af5273b8e42810cdef90"
+SPLITS = ("train.txt", "valid.txt", "test.txt")
+# git blob ids (sha1 of b"blob <size>\0" + content) of examples/NLG/data/e2e/<name> at COMMIT
+BLOB_IDS = {
+    "train.txt": "2f92a2790c00a48574dcc89465a326f33d7e7cc6",
+    "valid.txt": "94f87112e11198710d65a1d5dc7d0b8d9155a07d",
+    "test.txt": "084da9f4409d98058bcb020614afa83824440484",
+}
+RAW_URLS = {name: f"https://raw.githubusercontent.com/microsoft/LoRA/{COMMIT}/examples/NLG/data/e2e/{name}"
+            for name in SPLITS}
+SEP = "||"
+_NEWLINE = re.compile(rb"\r\n|\r|\n")
+
+
+class AuthorsDataError(DataError):
+    """A malformed authors' E2E file; the message names the file and line (stages exit 2 on DataError)."""
+
+
+def git_blob_id(data: bytes) -> str:
+    """The id git gives a file with this content: sha1(b"blob <len>\\0" + data), hex."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def verify_blob(path: str | Path, data: bytes, expected: str) -> None:
+    """Raise unless `data` (the bytes of `path`) has git blob id `expected`."""
+    got = git_blob_id(data)
+    if got != expected:
+        raise AuthorsDataError(f"{path}: git blob id {got}, expected {expected} (microsoft/LoRA@{COMMIT[:7]})")
+
+
+def cut_like_gpt2_decode(text: str) -> str:
+    """gpt2_decode.py lines 113 and 131: text before the first <|endoftext|>, then before the first blank line,
+    stripped."""
+    return text.split("<|endoftext|>")[0].split("\n\n")[0].strip()
+
+
+def decode_utf8(path: str | Path, data: bytes) -> str:
+    """UTF-8 text (a leading BOM dropped); a non-UTF-8 byte is an error naming its line."""
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = len(_NEWLINE.findall(data[:e.start])) + 1
+        raise AuthorsDataError(f"{path}: line {line}: not UTF-8 (byte 0x{data[e.start]:02x})") from None
+
+
+def parse_authors_text(text: str, source: str | Path) -> list[tuple[str, str]]:
+    """(context, completion) per line, as format_converting_e2e.py produces them; `source` names the file in
+    errors. Lines split like Python's text-mode reading (\\n, \\r\\n or \\r)."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()                                  # the final newline ends the last line, it is not a line
+    if not lines:
+        raise AuthorsDataError(f"{source}: no lines")
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        items = line.strip().split(SEP)
+        if len(items) < 2:
+            raise AuthorsDataError(f"{source}: line {n}: no '{SEP}' between MR and reference")
+        if len(items) > 2:
+            raise AuthorsDataError(f"{source}: line {n}: more than one '{SEP}' (the authors' script would drop "
+                                   f"the text after the second)")
+        context, completion = items
+        if not context:
+            raise AuthorsDataError(f"{source}: line {n}: empty MR")
+        if not completion:
+            raise AuthorsDataError(f"{source}: line {n}: empty reference")
+        rows.append((context, completion))
+    return rows
+
+
+def read_authors_file(path: str | Path, expected_blob: str | None = None) -> list[tuple[str, str]]:
+    """(context, completion) rows of one authors' file; with `expected_blob`, its git blob id is checked first."""
+    path = Path(path)
+    if not path.is_file():
+        raise AuthorsDataError(f"{path}: no such file")
+    data = path.read_bytes()
+    if expected_blob is not None:
+        verify_blob(path, data, expected_blob)
+    return parse_authors_text(decode_utf8(path, data), path)
+
+
+def group_references(rows: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """[(context, [reference, ...])] per distinct context string, in order of first appearance, each reference
+    cut as gpt2_decode.py cuts it (line 113): the test references the authors score against."""
+    groups: dict[str, list[str]] = {}
+    for context, completion in rows:
+        groups.setdefault(context, []).append(cut_like_gpt2_decode(completion))
+    return list(groups.items())

@@ -1,0 +1,138 @@
+"""stages.authors_data: the LoRA authors' `MR||reference` E2E files, read as format_converting_e2e.py and
+gpt2_decode.py read them; blob-id verification; the shipped sample data/sample-authors/."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from stages.authors_data import (BLOB_IDS, COMMIT, RAW_URLS, SPLITS, AuthorsDataError, cut_like_gpt2_decode,
+                                 git_blob_id, group_references, parse_authors_text, read_authors_file)
+from stages.e2e import DataError, group_by_mr, read_e2e_csv
+
+from conftest import ROOT, SAMPLE
+
+SHARED = ROOT.parent / "shared"
+AUTHORS_SAMPLE = ROOT / "data" / "sample-authors"
+need_shared = pytest.mark.skipif(not (SHARED / "e2e-authors").is_dir(), reason="../shared/e2e-authors not here")
+
+
+# --- the format, as the authors' scripts read it ---
+
+def test_line_is_split_at_the_separator_and_stripped_like_format_converting_e2e():
+    text = "  name : A | Type : pub||A is a pub . \nname : B  ||B is near A . \t\n"
+    assert parse_authors_text(text, "x.txt") == [
+        ("name : A | Type : pub", "A is a pub ."),       # line.strip(): both ends of the line
+        ("name : B  ", "B is near A ."),                # the MR keeps its own trailing spaces, as items[0] does
+    ]
+
+
+def test_newlines_are_read_like_python_text_mode():
+    assert parse_authors_text("a||b\r\nc||d\re||f", "x.txt") == [("a", "b"), ("c", "d"), ("e", "f")]
+
+
+def test_references_grouped_by_exact_context_in_order_of_first_appearance():
+    rows = [("m2", "r1"), ("m1", "r2"), ("m2", "r3"), ("m2 ", "r4"), ("m1", "r5 <|endoftext|> tail")]
+    assert group_references(rows) == [("m2", ["r1", "r3"]), ("m1", ["r2", "r5"]), ("m2 ", ["r4"])]
+
+
+def test_cut_like_gpt2_decode():
+    assert cut_like_gpt2_decode(" A pub .<|endoftext|>junk") == "A pub ."
+    assert cut_like_gpt2_decode("A pub .\n\nB<|endoftext|>") == "A pub ."
+    assert cut_like_gpt2_decode("A\npub .\n") == "A\npub ."       # a single newline is not a cut
+    assert cut_like_gpt2_decode("<|endoftext|>A") == ""
+
+
+def test_git_blob_id_is_gits(tmp_path):
+    data = b"name : A||A .\n"
+    assert git_blob_id(data) == hashlib.sha1(b"blob 14\x00" + data).hexdigest()
+    assert git_blob_id(b"") == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"     # git's well-known empty blob
+    (tmp_path / "f").write_bytes(data)
+    git = subprocess.run(["git", "hash-object", str(tmp_path / "f")], capture_output=True, text=True)
+    if git.returncode == 0:
+        assert git_blob_id(data) == git.stdout.strip()
+
+
+def test_pinned_constants():
+    assert set(BLOB_IDS) == set(RAW_URLS) == set(SPLITS) == {"train.txt", "valid.txt", "test.txt"}
+    assert re.fullmatch(r"[0-9a-f]{40}", COMMIT)
+    for name, url in RAW_URLS.items():
+        assert url == f"https://raw.githubusercontent.com/microsoft/LoRA/{COMMIT}/examples/NLG/data/e2e/{name}"
+        assert re.fullmatch(r"[0-9a-f]{40}", BLOB_IDS[name])
+
+
+# --- bad input: one error naming file and line, an exit-2 DataError ---
+
+@pytest.mark.parametrize("content, line, what", [
+    (b"a||b\nno separator here\n", 2, "no '||'"),
+    (b"a||b\n\nc||d\n", 2, "no '||'"),                      # a blank line in the middle
+    (b"||b\n", 1, "empty MR"),
+    (b"   ||b\n", 1, "empty MR"),
+    (b"a||b\nc||   \n", 2, "empty reference"),
+    (b"a||b||c\n", 1, "more than one '||'"),
+    (b"a||b\nc||d\xff\n", 2, "not UTF-8"),
+    (b"a||b\r\nc\xe9||d\r\n", 2, "not UTF-8"),
+])
+def test_bad_lines_name_file_and_line(tmp_path, content, line, what):
+    path = tmp_path / "test.txt"
+    path.write_bytes(content)
+    with pytest.raises(AuthorsDataError, match=rf"^{re.escape(str(path))}: line {line}: .*{re.escape(what)}"):
+        read_authors_file(path)
+    assert issubclass(AuthorsDataError, DataError)
+
+
+def test_empty_missing_and_wrong_blob(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(AuthorsDataError, match="empty.txt: no lines"):
+        read_authors_file(tmp_path / "empty.txt")
+    with pytest.raises(AuthorsDataError, match="nope.txt: no such file"):
+        read_authors_file(tmp_path / "nope.txt")
+    good = tmp_path / "valid.txt"
+    good.write_bytes(b"a||b \n")
+    assert read_authors_file(good, git_blob_id(b"a||b \n")) == [("a", "b")]
+    with pytest.raises(AuthorsDataError, match=rf"valid.txt: git blob id {git_blob_id(b'a||b ' + bytes([10]))}, "
+                                               rf"expected {BLOB_IDS['valid.txt']}"):
+        read_authors_file(good, BLOB_IDS["valid.txt"])
+
+
+# --- the shipped sample: same rows as data/sample/, in the authors' text ---
+
+@pytest.mark.parametrize("name, csv_name", [("train.txt", "trainset.csv"), ("valid.txt", "devset.csv"),
+                                            ("test.txt", "testset_w_refs.csv")])
+def test_sample_matches_the_csv_sample_row_for_row(name, csv_name):
+    rows = read_authors_file(AUTHORS_SAMPLE / name)
+    official = read_e2e_csv(SAMPLE / csv_name)
+    assert len(rows) == len(official)
+    assert len(group_references(rows)) == len(group_by_mr(official))
+    for (_, comp), (_, ref) in zip(rows, official):       # same sentence, up to the authors' tokenisation
+        assert re.sub(r"\W", "", comp) == re.sub(r"\W", "", ref)
+
+
+def test_sample_has_a_readme_with_provenance_and_licence():
+    text = (AUTHORS_SAMPLE / "README.md").read_text(encoding="utf-8")
+    assert COMMIT in text and "CC BY-SA 4.0" in text and "make_sample_authors.py" in text
+
+
+# --- the authors' real files, where ../shared has them ---
+
+@need_shared
+@pytest.mark.parametrize("name, csv_name, n_rows, n_mrs", [("valid.txt", "devset.csv", 4672, 547),
+                                                            ("test.txt", "testset_w_refs.csv", 4693, 630)])
+def test_shared_files_verify_and_group_like_the_official_csvs(name, csv_name, n_rows, n_mrs):
+    rows = read_authors_file(SHARED / "e2e-authors" / name, BLOB_IDS[name])
+    official = read_e2e_csv(SHARED / "e2e" / csv_name)
+    assert len(rows) == len(official) == n_rows
+    assert len(group_references(rows)) == len(group_by_mr(official)) == n_mrs
+
+
+@need_shared
+def test_sample_script_reproduces_the_shipped_sample(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_sample_authors.py"), str(SHARED), str(SAMPLE),
+                    str(tmp_path)], check=True, capture_output=True, cwd=ROOT, env=env)
+    for name in SPLITS:
+        assert (tmp_path / name).read_bytes() == (AUTHORS_SAMPLE / name).read_bytes()
