@@ -1,4 +1,4 @@
-"""Developer tool: cut data/sample-authors/ (the authors' E2E text format) to match data/sample/ row for row.
+"""Developer tool: write the authors' E2E text files (train.txt, valid.txt, test.txt) of data/sample/, row for row like its CSVs.
 
 data/sample/{trainset,devset}.csv were cut from the official E2E *development* set and testset_w_refs.csv from
 the official test set (see data/sample/README.md). The LoRA authors' valid.txt and test.txt hold the same rows
@@ -7,7 +7,7 @@ in the same order, in their own text (microsoft/LoRA examples/NLG/data/e2e/, com
 Checks on the way: both files have the same number of rows, and their MR groupings are the same partition of
 the rows (one authors' MR per official MR and back). Deterministic; rerunning it reproduces the shipped files.
 
-    python scripts/make_sample_authors.py ../shared data/sample data/sample-authors
+    python scripts/make_sample_authors.py ../shared data/sample data/sample
 """
 import argparse
 import re
@@ -46,7 +46,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("shared", help="the shared data folder (holds e2e/ and e2e-authors/)")
     ap.add_argument("sample", help="data/sample")
-    ap.add_argument("out", help="data/sample-authors")
+    ap.add_argument("out", help="data/sample")
     a = ap.parse_args()
     shared, sample, out = Path(a.shared), Path(a.sample), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

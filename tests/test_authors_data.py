@@ -1,5 +1,5 @@
 """stages.authors_data: the LoRA authors' `MR||reference` E2E files, read as format_converting_e2e.py and
-gpt2_decode.py read them; blob-id verification; the shipped sample data/sample-authors/."""
+gpt2_decode.py read them; blob-id verification; the shipped sample data/sample/."""
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +17,7 @@ from stages.e2e import DataError, group_by_mr, read_e2e_csv
 from conftest import ROOT, SAMPLE
 
 SHARED = ROOT.parent / "shared"
-AUTHORS_SAMPLE = ROOT / "data" / "sample-authors"
+AUTHORS_SAMPLE = ROOT / "data" / "sample"
 need_shared = pytest.mark.skipif(not (SHARED / "e2e-authors").is_dir(), reason="../shared/e2e-authors not here")
 
 
