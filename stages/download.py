@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from stages import cli, gpt2
+from stages import authors_data, cli, gpt2
 from stages import params as P
 from stages.cli import InputError
 from stages.e2e import read_e2e_csv
@@ -56,7 +56,11 @@ HF_ENDPOINT: str | None = None  # None: the hub client's default (honours the HF
 TIMEOUT_S = 30  # per connection attempt / read; an unreachable host fails fast instead of hanging the pipeline
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-DATA_HELP = "set data.source in params.yaml to a local directory holding trainset.csv, devset.csv and testset_w_refs.csv"
+PROTOCOLS = ("authors", "e2e")
+# protocol "authors": the LoRA authors' own E2E text files (microsoft/LoRA examples/NLG/data/e2e at a pinned commit).
+AUTHORS_FILES = {name: (name,) for name in authors_data.SPLITS}
+DATA_HELP = ("set data.source in params.yaml to a local directory holding trainset.csv, devset.csv and "
+             "testset_w_refs.csv (protocol e2e) or train.txt, valid.txt and test.txt (protocol authors)")
 MODEL_HELP = ("set model.name in params.yaml to a local directory holding config.json, model.safetensors and "
               "tokenizer.json")
 
@@ -83,10 +87,11 @@ def sha256_file(path: Path) -> str:
 
 
 def load_params(path: Path) -> dict:
-    """The three parameters, validated before any work so a typo fails in a second, not after a 1.5 GB download."""
+    """The parameters, validated before any work so a typo fails in a second, not after a 1.5 GB download."""
     params = P.load(path)
     P.warn_unknown(params, "data", ("source",))
     P.warn_unknown(params, "model", ("name", "revision"))
+    protocol = P.choice(params, "protocol", PROTOCOLS)
     source = P.get(params, "data.source")
     if not isinstance(source, str) or (source != "github" and not Path(source).is_dir()):
         raise DownloadError(f"data.source: {source!r} is neither 'github' nor an existing directory")
@@ -99,7 +104,7 @@ def load_params(path: Path) -> dict:
     elif not (isinstance(revision, str) and _COMMIT_SHA.fullmatch(revision)):
         # Branch names and tags move; only a full commit sha names fixed bytes.
         raise DownloadError(f"model.revision: {revision!r} is not a 40-hex commit sha (required for hub model {name!r})")
-    return {"data_source": source, "model_name": name, "model_revision": revision}
+    return {"protocol": protocol, "data_source": source, "model_name": name, "model_revision": revision}
 
 
 def fetch(url: str) -> bytes:
@@ -113,30 +118,39 @@ def fetch(url: str) -> bytes:
         raise ConnectionError(f"{url}: {getattr(e, 'reason', e)}") from None
 
 
-def stage_data_github(staging: Path) -> None:
-    for out_name, (upstream, _) in DATA_FILES.items():
-        url = E2E_URL.format(name=upstream)
+def stage_data_github(staging: Path, protocol: str) -> None:
+    if protocol == "authors":
+        files = {name: (authors_data.RAW_URLS[name], authors_data.BLOB_IDS[name]) for name in authors_data.SPLITS}
+    else:
+        files = {out: (E2E_URL.format(name=up), E2E_BLOB_IDS[up]) for out, (up, _) in DATA_FILES.items()}
+    for out_name, (url, expected) in files.items():
         log(f"fetching {url}")
         try:
             data = fetch(url)
         except ConnectionError as e:
             raise DownloadError(f"could not reach github.com to download the E2E dataset ({e}); {DATA_HELP}") from None
-        actual, expected = git_blob_id(data), E2E_BLOB_IDS[upstream]
+        actual = git_blob_id(data)
         if actual != expected:
-            raise DownloadError(f"{upstream}: checksum mismatch: expected git blob id {expected}, got {actual}")
+            raise DownloadError(f"{url}: checksum mismatch: expected git blob id {expected}, got {actual}")
         (staging / out_name).write_bytes(data)
         try:
-            log(f"data: {out_name} {len(read_e2e_csv(staging / out_name)):,} rows")
+            log(f"data: {out_name} {len(read_rows(staging / out_name, protocol)):,} rows")
         except InputError as e:  # name the URL, not the temporary file
             raise DownloadError(str(e).replace(str(staging / out_name), url)) from None
 
 
-def stage_data_local(staging: Path, source: Path) -> None:
-    for out_name, names in DATA_FILES.items():
+def read_rows(path: Path, protocol: str) -> list[tuple[str, str]]:
+    """Parse a data file as preprocess will, so that a malformed one fails here, naming its file and line."""
+    return authors_data.read_authors_file(path) if protocol == "authors" else read_e2e_csv(path)
+
+
+def stage_data_local(staging: Path, source: Path, protocol: str) -> None:
+    # A local copy is parsed, not blob-checked: the shipped sample is a cut of the authors' files.
+    for out_name, names in (AUTHORS_FILES if protocol == "authors" else DATA_FILES).items():
         found = next((source / n for n in names if (source / n).is_file()), None)
         if found is None:
-            raise DownloadError(f"data.source: {source} has no {' or '.join(names)}")
-        log(f"data: {found} {len(read_e2e_csv(found)):,} rows")  # a malformed CSV fails now, naming the file
+            raise DownloadError(f"data.source: {source} has no {' or '.join(names)} (protocol {protocol})")
+        log(f"data: {found} {len(read_rows(found, protocol)):,} rows")  # a malformed file fails now, named
         shutil.copyfile(found, staging / out_name)
 
 
@@ -216,9 +230,9 @@ def run(params: dict, data_out: Path, model_out: Path) -> None:
     with atomic_dir(data_out) as data, atomic_dir(model_out) as model:
         source = params["data_source"]
         if source == "github":
-            stage_data_github(data)
+            stage_data_github(data, params["protocol"])
         else:
-            stage_data_local(data, Path(source))
+            stage_data_local(data, Path(source), params["protocol"])
         fill_model(model, params["model_name"], params["model_revision"])
 
 

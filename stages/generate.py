@@ -25,14 +25,16 @@ import torch
 from transformers import GPT2LMHeadModel, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
-from stages import cli, gpt2, lora, speed
+from stages import authors_data, beam, cli, gpt2, lora, speed
 from stages import params as P
 from stages import runtime
 from stages.cli import InputError
 from stages.gpt2 import EOS
 from stages.outputs import atomic_file, check_writable, write_json
 
-KNOWN = ("num_beams", "length_penalty", "no_repeat_ngram_size", "max_new_tokens", "batch_size", "early_stopping")
+KNOWN = ("search", "eos_ids", "num_beams", "length_penalty", "no_repeat_ngram_size", "max_new_tokens", "batch_size",
+         "early_stopping")
+SEARCHES = ("authors", "transformers")
 
 
 def read_config(params: dict) -> dict:
@@ -45,7 +47,17 @@ def read_config(params: dict) -> dict:
         "max_new_tokens": P.number(params, "generate.max_new_tokens", kind=int, min=1),
         "batch_size": P.number(params, "generate.batch_size", kind=int, min=1),
         "early_stopping": P.choice(params, "generate.early_stopping", (True, False, "never")),
+        "search": P.choice(params, "generate.search", SEARCHES),
+        "eos_ids": eos_ids(params),
     }
+
+
+def eos_ids(params: dict) -> list[int]:
+    ids = P.get(params, "generate.eos_ids")
+    if not (isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i for i in ids)
+            and len(set(ids)) == len(ids)):
+        raise P.ParamError(f"generate.eos_ids must be a non-empty list of distinct token ids, got {ids!r}")
+    return ids
 
 
 def load_model(method: str, base: Path, model_dir: Path) -> GPT2LMHeadModel:
@@ -94,9 +106,21 @@ def one_line(text: str) -> str:
 
 @torch.no_grad()
 def generate(model, contexts: list[list[int]], cfg: dict, decode) -> list[str]:
-    """Left-padded batches (GPT-2 continues from the right end); position ids follow the attention mask, so a
-    padded context decodes like an unpadded one. Batches keep input order."""
+    """One output line per context, in input order, with the search `cfg["search"]` names."""
     model.eval()
+    if cfg["search"] == "authors":
+        # gpt2_beam.py's search (stages/beam.py), then gpt2_decode.py's cut at <|endoftext|> and a blank line.
+        ids = beam.authors_beam_search(
+            model, contexts, num_beams=cfg["num_beams"], length_penalty=cfg["length_penalty"],
+            no_repeat_ngram_size=cfg["no_repeat_ngram_size"], max_new_tokens=cfg["max_new_tokens"],
+            eos_ids=cfg["eos_ids"], batch_size=cfg["batch_size"])
+        return [one_line(authors_data.cut_like_gpt2_decode(decode(row))) for row in ids]
+    return transformers_search(model, contexts, cfg, decode)
+
+
+def transformers_search(model, contexts: list[list[int]], cfg: dict, decode) -> list[str]:
+    """transformers' beam search, stopping per `early_stopping`. Left-padded batches (GPT-2 continues from the
+    right end); position ids follow the attention mask, so a padded context decodes like an unpadded one."""
     outputs = []
     for start in range(0, len(contexts), cfg["batch_size"]):
         batch = contexts[start:start + cfg["batch_size"]]
@@ -111,7 +135,7 @@ def generate(model, contexts: list[list[int]], cfg: dict, decode) -> list[str]:
         out = model.generate(
             input_ids=ids, attention_mask=mask, do_sample=False, num_beams=cfg["num_beams"],
             length_penalty=cfg["length_penalty"], logits_processor=LogitsProcessorList(ban),
-            max_new_tokens=cfg["max_new_tokens"], eos_token_id=EOS, pad_token_id=EOS,
+            max_new_tokens=cfg["max_new_tokens"], eos_token_id=cfg["eos_ids"], pad_token_id=EOS,
             early_stopping=cfg["early_stopping"],
         )
         outputs += [one_line(decode(row)) for row in out[:, width:].cpu().tolist()]  # one copy per batch

@@ -15,14 +15,17 @@ from pathlib import Path
 
 import datasets
 
-from stages import cli
+from stages import authors_data, cli
 from stages import params as P
 from stages.e2e import DataError, group_by_mr, parse_mr, read_e2e_csv
 from stages.gpt2 import load_tokenizer
 from stages.outputs import atomic_dir, check_writable
 
 FORMATS = ("paper", "equals")
-SPLITS = {"train": "train.csv", "validation": "dev.csv"}
+PROTOCOLS = ("authors", "e2e")
+# download's output names per protocol: the authors' text files, or the official CSVs.
+FILES = {"authors": {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"},
+         "e2e": {"train": "train.csv", "validation": "dev.csv", "test": "test.csv"}}
 KNOWN = ("format", "max_length")
 
 
@@ -69,46 +72,73 @@ def encode_split(rows: list[tuple[str, str]], tok, fmt: str) -> datasets.Dataset
                      remove_columns=["mr", "ref"], new_fingerprint=f"encode-{fmt}")
 
 
+def read_split(path: Path, protocol: str) -> list[tuple[str, str]]:
+    """(MR, reference) rows, validated: the authors' `MR||reference` lines, or an official CSV (MRs parsed)."""
+    if protocol == "authors":
+        return authors_data.read_authors_file(path)  # checks each line, naming file and line
+    rows = read_e2e_csv(path)
+    check_rows(rows, path)
+    return rows
+
+
+def test_groups(rows: list[tuple[str, str]], protocol: str) -> list[tuple[str, list[str]]]:
+    """One entry per test MR, in order of first appearance, with the references the scorer compares against:
+    the authors' cut as gpt2_decode.py does (authors), or the CSV's as the official scorer reads them (e2e)."""
+    return authors_data.group_references(rows) if protocol == "authors" else group_by_mr(rows)
+
+
+def refs_text(groups: list[tuple[str, list[str]]], path: Path) -> str:
+    """The scorers' multi-reference text format: an MR's references on consecutive lines, a blank line between."""
+    for mr, refs in groups:
+        for ref in refs:
+            if "\n" in ref or not ref.strip():
+                raise DataError(f"{path}: a reference of MR {mr!r} is empty or spans lines: {ref!r}")
+    return "\n\n".join("\n".join(refs) for _, refs in groups) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--raw", required=True, help="directory with train.csv, dev.csv, test.csv")
     ap.add_argument("--tokenizer", required=True, help="tokenizer.json of the base model")
-    ap.add_argument("--out", required=True, help="output directory (Arrow datasets train/, validation/, test/)")
+    ap.add_argument("--out", required=True, help="output directory (Arrow datasets train/, validation/, test/; "
+                    "test-refs.txt, the test references grouped by MR for the score stage)")
     args = ap.parse_args(argv)
     datasets.disable_progress_bars()
 
     params = P.load()
     P.warn_unknown(params, "preprocess", KNOWN)
+    protocol = P.choice(params, "protocol", PROTOCOLS)
     fmt = P.choice(params, "preprocess.format", FORMATS)
     max_length = P.number(params, "preprocess.max_length", kind=int, min=8)
     check_writable(args.out)
 
-    raw = Path(args.raw)
+    raw, files = Path(args.raw), FILES[protocol]
     # Read and validate everything before writing anything.
-    splits = {}
-    for split, name in {**SPLITS, "test": "test.csv"}.items():
-        rows = read_e2e_csv(raw / name)
-        check_rows(rows, raw / name)
-        splits[split] = rows
+    splits = {split: read_split(raw / name, protocol) for split, name in files.items()}
+    for split, rows in splits.items():
+        if not rows:
+            raise DataError(f"{raw / files[split]}: empty split (no data rows)")
 
     tok = load_tokenizer(args.tokenizer)
     encoded = {}
-    for split, name in SPLITS.items():
+    for split in ("train", "validation"):
         encoded[split] = encode_split(splits[split], tok, fmt)
-        check_lengths([len(ids) for ids in encoded[split]["input_ids"]], max_length, raw / name)
-    groups = group_by_mr(splits["test"])
+        check_lengths([len(ids) for ids in encoded[split]["input_ids"]], max_length, raw / files[split])
+    groups = test_groups(splits["test"], protocol)
+    refs = refs_text(groups, raw / files["test"])
     contexts = encode_contexts(tok, [mr for mr, _ in groups], fmt)
     # A test context longer than max_length would only fail in generate, after training: fail here.
-    check_lengths([len(c) for c in contexts], max_length, raw / "test.csv", what="test MR")
+    check_lengths([len(c) for c in contexts], max_length, raw / files["test"], what="test MR")
     encoded["test"] = datasets.Dataset.from_dict(
-        {"mr": [mr for mr, _ in groups], "refs": [refs for _, refs in groups], "context_ids": contexts})
+        {"mr": [mr for mr, _ in groups], "refs": [r for _, r in groups], "context_ids": contexts})
 
     with atomic_dir(args.out) as out:
         for split, table in encoded.items():
             table.save_to_disk(str(out / split))
+        (out / "test-refs.txt").write_text(refs, encoding="utf-8")
     counts = {s: len(v) for s, v in encoded.items()}
-    print(f"preprocess: format={fmt}, {counts['train']} train / {counts['validation']} validation examples, "
-          f"{counts['test']} test MRs ({len(splits['test'])} references) -> {args.out}", file=sys.stderr)
+    print(f"preprocess: protocol={protocol}, format={fmt}, {counts['train']} train / {counts['validation']} "
+          f"validation examples, {counts['test']} test MRs ({len(splits['test'])} references) -> {args.out}", file=sys.stderr)
     return 0
 
 

@@ -60,14 +60,25 @@ def sample_rows(name: str, n_mrs: int) -> list[tuple[str, str]]:
     return [(mr, ref) for mr, refs in groups for ref in refs]
 
 
+AUTHORS_TWIN = {"trainset.csv": "train.txt", "devset.csv": "valid.txt", "testset_w_refs.csv": "test.txt"}
+
+
+def write_raw(raw: Path, n_mrs: dict[str, int]) -> Path:
+    """download's output for both protocols, cut from the shipped sample: the first n MRs of each CSV split, and
+    the same rows from the authors' text files beside them (which hold the CSVs' rows in the same order)."""
+    outputs = {"trainset.csv": "train.csv", "devset.csv": "dev.csv", "testset_w_refs.csv": "test.csv"}
+    for name, n in n_mrs.items():
+        rows = sample_rows(name, n)
+        write_csv(raw / outputs[name], rows)
+        lines = (SAMPLE / AUTHORS_TWIN[name]).read_text(encoding="utf-8").splitlines(keepends=True)
+        (raw / AUTHORS_TWIN[name]).write_text("".join(lines[:len(rows)]), encoding="utf-8")
+    return raw
+
+
 @pytest.fixture
 def raw_dir(tmp_path) -> Path:
-    """A small data/raw (download's output layout) cut from the shipped sample."""
-    raw = tmp_path / "raw"
-    write_csv(raw / "train.csv", sample_rows("trainset.csv", 6))
-    write_csv(raw / "dev.csv", sample_rows("devset.csv", 2))
-    write_csv(raw / "test.csv", sample_rows("testset_w_refs.csv", 3))
-    return raw
+    """A small data/raw (download's output layout, both protocols' files) cut from the shipped sample."""
+    return write_raw(tmp_path / "raw", {"trainset.csv": 6, "devset.csv": 2, "testset_w_refs.csv": 3})
 
 
 TINY_GPT2 = dict(vocab_size=50257, n_positions=128, n_embd=16, n_layer=1, n_head=2)
@@ -84,10 +95,7 @@ def make_workspace(ws: Path, overrides: dict, train_mrs: int = 3) -> Path:
 
     from stages import preprocess
 
-    raw = ws / "data" / "raw"
-    write_csv(raw / "train.csv", sample_rows("trainset.csv", train_mrs))
-    write_csv(raw / "dev.csv", sample_rows("devset.csv", 1))
-    write_csv(raw / "test.csv", sample_rows("testset_w_refs.csv", 2))
+    write_raw(ws / "data" / "raw", {"trainset.csv": train_mrs, "devset.csv": 1, "testset_w_refs.csv": 2})
     torch.manual_seed(0)
     base = ws / "models" / "base"
     GPT2LMHeadModel(GPT2Config(**TINY_GPT2)).save_pretrained(base)

@@ -57,13 +57,22 @@ def bad_mr(text):
     return edit
 
 
+E2E = {"protocol": "e2e"}  # cases about the official CSVs
+
+
+def authors_line(text):
+    def edit(ws):
+        (ws / "data/raw/valid.txt").write_text("name : Zizzi||Zizzi is nice .\n" + text + "\n", encoding="utf-8")
+    return edit
+
+
 def long_test_mr(ws):
     write_csv(ws / "data/raw/test.csv", [("name[" + "Very Long Name " * 40 + "]", "x")])
 
 
-def local_sources(ws, data=True, model=True):
+def local_sources(ws):
     """download from local directories (the air-gapped path): the raw CSVs and the tiny base."""
-    return {"data.source": str(ws / "data/raw") if data else None, "model.name": str(ws / "models/base")}
+    return {"protocol": "e2e", "data.source": str(ws / "data/raw"), "model.name": str(ws / "models/base")}
 
 
 def truncated_weights(ws):
@@ -97,12 +106,16 @@ CASES = {
     "generate out not writable": ([*GENERATE[:10], UNWRITABLE, *GENERATE[11:]], {}, None, 2,
                                   "cannot write the output"),
     "train out under a file": (TRAIN, {}, make_dir_at_out, 2, "out/lora: cannot create"),
-    "mr missing bracket": (PREPROCESS, {}, bad_mr("name[The Eagle"), 2, "dev.csv: data row 2 (line 3)"),
-    "mr empty value": (PREPROCESS, {}, bad_mr("name[]"), 2, "empty value for 'name'"),
-    "mr unknown syntax": (PREPROCESS, {}, bad_mr("name=The Eagle"), 2, "expected key[value]"),
-    "mr repeated key": (PREPROCESS, {}, bad_mr("name[A], name[B]"), 2, "'name' appears twice"),
-    "test mr too long": (PREPROCESS, {"preprocess.max_length": 100}, long_test_mr, 2,
+    "mr missing bracket": (PREPROCESS, E2E, bad_mr("name[The Eagle"), 2, "dev.csv: data row 2 (line 3)"),
+    "mr empty value": (PREPROCESS, E2E, bad_mr("name[]"), 2, "empty value for 'name'"),
+    "mr unknown syntax": (PREPROCESS, E2E, bad_mr("name=The Eagle"), 2, "expected key[value]"),
+    "mr repeated key": (PREPROCESS, E2E, bad_mr("name[A], name[B]"), 2, "'name' appears twice"),
+    "test mr too long": (PREPROCESS, {**E2E, "preprocess.max_length": 100}, long_test_mr, 2,
                          "test.csv: test MR 1"),
+    "authors line without ||": (PREPROCESS, {}, authors_line("name : Aromi | food : Italian Aromi is nice ."), 2,
+                                "valid.txt: line 2"),
+    "authors empty reference": (PREPROCESS, {}, authors_line("name : Aromi||"), 2, "valid.txt: line 2"),
+    "unknown protocol": (PREPROCESS, {"protocol": "paper"}, None, 2, "protocol must be one of ['authors', 'e2e']"),
     "params not yaml": (PREPROCESS, "a: [b\n", None, 2, "params.yaml: line"),
     "data source null": (DOWNLOAD, {"data.source": None}, None, 2, "data.source"),
     "download csv broken": (DOWNLOAD, local_sources, broken_csv, 2, "dev.csv: line 2"),

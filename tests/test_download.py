@@ -55,9 +55,9 @@ def csv_dir(tmp_path) -> Path:
     return d
 
 
-def run_stage(tmp_path, data_source, model_name, revision=REVISION) -> int:
+def run_stage(tmp_path, data_source, model_name, revision=REVISION, protocol="e2e") -> int:
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"data": {"source": str(data_source)},
+    params.write_text(yaml.safe_dump({"protocol": protocol, "data": {"source": str(data_source)},
                                       "model": {"name": str(model_name), "revision": revision}}))
     return cli.run("download", download.main, ["--data-out", str(tmp_path / "out/data/raw"), "--model-out",
                           str(tmp_path / "out/models/pretrained"), "--params", str(params)])
@@ -169,6 +169,59 @@ def test_github_offline_names_data_source(tmp_path, monkeypatch, tiny_model, cap
     err = capsys.readouterr().err
     assert "could not reach github.com" in err and "set data.source" in err
     assert leftovers(tmp_path) == []
+
+
+AUTHORS = {
+    "train.txt": "name : Aromi | area : riverside||Aromi is by the river . \n",
+    "valid.txt": "name : Zizzi | food : Italian||Zizzi serves Italian food . \n",
+    "test.txt": "name : Cotto | price : cheap||Cotto is cheap . \nname : Cotto | price : cheap||Cotto is a cheap place . \n",
+}
+
+
+@pytest.fixture
+def authors_mirror(monkeypatch):
+    """microsoft/LoRA's raw files at the pinned commit, served on 127.0.0.1, with their blob ids pinned."""
+    files = {f"/{name}": (text.encode(), {}) for name, text in AUTHORS.items()}
+    server, base = serve(files)
+    monkeypatch.setattr(download.authors_data, "RAW_URLS", {n: f"{base}/{n}" for n in AUTHORS})
+    monkeypatch.setattr(download.authors_data, "BLOB_IDS", {n: download.git_blob_id(t.encode())
+                                                            for n, t in AUTHORS.items()})
+    yield files
+    server.shutdown()
+
+
+def test_authors_protocol_fetches_the_authors_files(tmp_path, authors_mirror, tiny_model):
+    assert run_stage(tmp_path, "github", tiny_model, protocol="authors") == 0
+    out = tmp_path / "out/data/raw"
+    assert sorted(p.name for p in out.iterdir()) == ["test.txt", "train.txt", "valid.txt"]
+    assert (out / "test.txt").read_text() == AUTHORS["test.txt"]
+
+
+def test_authors_blob_mismatch_names_the_url_and_both_ids(tmp_path, authors_mirror, tiny_model, capsys):
+    corrupted = AUTHORS["valid.txt"].replace("Italian", "Italain").encode()
+    authors_mirror["/valid.txt"] = (corrupted, {})
+    assert run_stage(tmp_path, "github", tiny_model, protocol="authors") == 2
+    err = capsys.readouterr().err
+    assert "valid.txt" in err and download.git_blob_id(corrupted) in err
+    assert download.authors_data.BLOB_IDS["valid.txt"] in err
+    assert leftovers(tmp_path) == []
+
+
+def test_authors_protocol_from_a_local_directory_and_a_bad_line(tmp_path, tiny_model, capsys):
+    d = tmp_path / "authors"
+    d.mkdir()
+    for name, text in AUTHORS.items():
+        (d / name).write_text(text)
+    assert run_stage(tmp_path, d, tiny_model, protocol="authors") == 0
+    (d / "valid.txt").write_text("name : Zizzi | food : Italian Zizzi serves Italian food .\n")  # no ||
+    (tmp_path / "again").mkdir()
+    assert run_stage(tmp_path / "again", d, tiny_model, protocol="authors") == 2
+    assert "valid.txt: line 1" in capsys.readouterr().err
+
+
+def test_unknown_protocol_names_the_param_and_values(tmp_path, csv_dir, tiny_model, capsys):
+    assert run_stage(tmp_path, csv_dir, tiny_model, protocol="paper") == 2
+    assert "protocol must be one of ['authors', 'e2e']" in capsys.readouterr().err
 
 
 def test_pinned_blob_ids_match_shared_copies():

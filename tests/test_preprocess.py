@@ -7,7 +7,7 @@ import datasets
 import pytest
 
 from conftest import TOKENIZER, write_csv
-from stages import preprocess
+from stages import authors_data, preprocess
 from stages.e2e import DataError, group_by_mr, read_e2e_csv
 from stages.gpt2 import EOS, collate, load_tokenizer
 from stages.params import ParamError
@@ -69,16 +69,33 @@ def read(path):
     return datasets.load_from_disk(str(path)).to_list()
 
 
-def test_stage_writes_train_validation_and_test_by_mr(params_file, raw_dir, tmp_path):
+@pytest.mark.parametrize("protocol", ["authors", "e2e"])
+def test_stage_writes_train_validation_and_test_by_mr(params_file, raw_dir, tmp_path, protocol):
+    params_file(protocol=protocol)
     out = run(raw_dir, tmp_path)
-    train = read(out / "train")
-    rows = read_e2e_csv(raw_dir / "train.csv")
-    assert [(t["input_ids"], t["n_context"]) for t in train] == [
+    read_rows = (lambda name: authors_data.read_authors_file(raw_dir / name)) if protocol == "authors" else (
+        lambda name: read_e2e_csv(raw_dir / name))
+    names = preprocess.FILES[protocol]
+    rows = read_rows(names["train"])
+    assert [(t["input_ids"], t["n_context"]) for t in read(out / "train")] == [
         tuple(encode_example(load_tokenizer(TOKENIZER), mr, ref, "paper").values()) for mr, ref in rows]
     test = read(out / "test")
-    groups = group_by_mr(read_e2e_csv(raw_dir / "test.csv"))
+    groups = (authors_data.group_references if protocol == "authors" else group_by_mr)(read_rows(names["test"]))
     assert [(t["mr"], t["refs"]) for t in test] == groups
     assert all(t["context_ids"][-1] == EOS for t in test)
+    # The score stage's references: each MR's on consecutive lines, a blank line between MRs, same order.
+    blocks = (out / "test-refs.txt").read_text(encoding="utf-8").rstrip("\n").split("\n\n")
+    assert [b.split("\n") for b in blocks] == [refs for _, refs in groups]
+
+
+def test_both_protocols_hold_the_same_mrs_and_references_up_to_tokenisation(params_file, raw_dir, tmp_path):
+    """The authors' text is the official data re-serialised: same MRs in the same order, as many references."""
+    tests = {}
+    for protocol in ("authors", "e2e"):
+        params_file(protocol=protocol)
+        tests[protocol] = read(run(raw_dir, tmp_path / protocol) / "test")
+    assert [len(t["refs"]) for t in tests["authors"]] == [len(t["refs"]) for t in tests["e2e"]]
+    assert tests["authors"][0]["mr"].startswith("name : ") and tests["e2e"][0]["mr"].startswith("name[")
 
 
 def test_stage_output_is_byte_identical_across_runs(params_file, raw_dir, tmp_path):
@@ -96,6 +113,7 @@ def test_stage_output_is_byte_identical_across_runs(params_file, raw_dir, tmp_pa
     ("no-ref", "empty reference"),
 ])
 def test_bad_input_is_an_error_naming_the_file_and_leaves_no_output(params_file, raw_dir, tmp_path, bad, message):
+    params_file(protocol="e2e")
     path = raw_dir / "dev.csv"
     if bad == "header":
         write_csv(path, [("a[1]", "x")], header=("meaning", "text"))
@@ -123,7 +141,7 @@ def test_too_long_example_is_an_error_not_a_truncation(params_file, raw_dir, tmp
 def test_too_long_test_mr_is_an_error_in_preprocess(params_file, raw_dir, tmp_path):
     """Caught here, not as an IndexError in generate after training."""
     write_csv(raw_dir / "test.csv", [("name[" + "Very Long Name " * 40 + "]", "x")])
-    params_file(preprocess__max_length=100)
+    params_file(preprocess__max_length=100, protocol="e2e")
     with pytest.raises(DataError, match=r"test.csv: test MR 1: \d+ tokens > preprocess.max_length=100"):
         run(raw_dir, tmp_path)
     assert not (tmp_path / "prepared").exists()

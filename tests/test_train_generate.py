@@ -107,14 +107,15 @@ def test_full_ignores_lora_params(params_file, tmp_path):
     assert train.read_config(params, "full")["lr"] == params["full"]["lr"]
 
 
-def test_batched_decoding_equals_one_by_one(base_dir, tmp_path):
+@pytest.mark.parametrize("search", ["authors", "transformers"])
+def test_batched_decoding_equals_one_by_one(base_dir, tmp_path, search):
     """Left padding must not change outputs: position ids follow the attention mask."""
     tok = gpt2.load_tokenizer(TOKENIZER)
     model = GPT2LMHeadModel.from_pretrained(base_dir)
     mrs = ["name[Aromi]", "name[The Eagle], food[French], area[riverside]", "name[Zizzi], priceRange[cheap]"]
     contexts = preprocess.encode_contexts(tok, mrs, "paper")
     cfg = dict(num_beams=3, length_penalty=0.9, no_repeat_ngram_size=4, max_new_tokens=8, batch_size=3,
-               early_stopping=True)
+               early_stopping=True, search=search, eos_ids=[50256, 628])
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     batched = generate.generate(model, contexts, cfg, decode)
     single = generate.generate(model, contexts, {**cfg, "batch_size": 1}, decode)
@@ -191,3 +192,36 @@ def test_adam_epsilon_param_reaches_the_optimizer(params_file, base_dir, tmp_pat
     trainer = Trainer(model=model, args=train.training_args(cfg, str(tmp_path)), eval_dataset=[{}])
     optimizer = trainer.create_optimizer()
     assert optimizer.defaults["eps"] == eps and optimizer.defaults["betas"] == (0.9, 0.999)
+
+
+@pytest.mark.parametrize("search", ["authors", "transformers"])
+def test_generate_search_param_picks_the_decoder(params_file, monkeypatch, search):
+    """generate.search reaches the decoder: the authors' search (stages/beam.py) or transformers' generate()."""
+    cfg = generate.read_config(params_file(generate__search=search))
+    called = []
+    monkeypatch.setattr(generate.beam, "authors_beam_search", lambda *a, **k: called.append("authors") or [[1]])
+    monkeypatch.setattr(generate, "transformers_search", lambda *a, **k: called.append("transformers") or ["x"])
+    generate.generate(torch.nn.Linear(1, 1), [[1, 2]], cfg, lambda ids: "x")
+    assert called == [search]
+
+
+def test_eos_ids_reach_the_authors_search(params_file, monkeypatch):
+    cfg = generate.read_config(params_file(generate__eos_ids=[50256, 628]))
+    seen = {}
+    monkeypatch.setattr(generate.beam, "authors_beam_search", lambda *a, **k: seen.update(k) or [[1]])
+    generate.generate(torch.nn.Linear(1, 1), [[1, 2]], cfg, lambda ids: "x")
+    assert seen["eos_ids"] == [50256, 628] and seen["num_beams"] == cfg["num_beams"]
+
+
+def test_authors_outputs_are_cut_like_gpt2_decode(params_file, monkeypatch):
+    """gpt2_decode.py keeps the text before <|endoftext|> and before a blank line, stripped."""
+    cfg = generate.read_config(params_file())
+    monkeypatch.setattr(generate.beam, "authors_beam_search", lambda *a, **k: [[1]])
+    out = generate.generate(torch.nn.Linear(1, 1), [[1]], cfg, lambda ids: " The Eagle is cheap .\n\nmore<|endoftext|>")
+    assert out == ["The Eagle is cheap ."]
+
+
+@pytest.mark.parametrize("value", [[], [50256, 50256], "50256", [-1], [True]])
+def test_bad_eos_ids_name_the_param(params_file, value):
+    with pytest.raises(ParamError, match="generate.eos_ids"):
+        generate.read_config(params_file(generate__eos_ids=value))
