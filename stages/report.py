@@ -28,6 +28,9 @@ PAPER = {
              "cider": "2.53±.02"},
 }
 GPT2_MEDIUM = {"n_layer": 24, "n_embd": 1024, "vocab_size": 50257}
+# MR fidelity (stages/fidelity.py), shown when the score stage wrote it: (key, header, format).
+FIDELITY = [("distinct_outputs", "distinct outputs", "{:d}"), ("name_realised", "name realised", "{:.0%}"),
+            ("slots_realised", "slots realised", "{:.0%}")]
 
 
 def fmt_params(n: int) -> str:
@@ -35,17 +38,21 @@ def fmt_params(n: int) -> str:
 
 
 def table(metrics: dict[str, dict]) -> list[str]:
-    head = "| run | trainable params | " + " | ".join(m[1] for m in METRICS) + " | train time (s) | peak memory (MB) |"
-    rows = [head, "|" + " --- |" * (len(METRICS) + 4)]
+    """One row per run; the fidelity columns appear when every run's metrics hold them (the paper has none)."""
+    fidelity = [f for f in FIDELITY if all(f[0] in m for m in metrics.values())]
+    head = ("| run | trainable params | " + " | ".join(m[1] for m in METRICS) + "".join(f" | {f[1]}" for f in fidelity)
+            + " | train time (s) | peak memory (MB) |")
+    rows = [head, "|" + " --- |" * (len(METRICS) + len(fidelity) + 4)]
     for method, m in metrics.items():
         cells = [f"{m[k] * scale:.2f}" if scale == 100 else f"{m[k]:.4f}" for k, _, scale in METRICS]
+        cells += [fmt.format(m[k]) for k, _, fmt in fidelity]
         cost = [str(m.get("train_time_s", "–")), str(m.get("peak_memory_mb", "–"))]
         rows.append(f"| ours: {METHODS[method]} | {fmt_params(m['trainable_params'])} | " + " | ".join(cells + cost)
                     + " |")
     for method in ("full", "lora"):
         p = PAPER[method]
         rows.append(f"| paper: GPT-2 M ({'FT' if method == 'full' else 'LoRA'}) | {p['params']} | "
-                    + " | ".join(p[k] for k, _, _ in METRICS) + " | | |")
+                    + " | ".join(p[k] for k, _, _ in METRICS) + " |" * len(fidelity) + " | | |")
     return rows
 
 
@@ -56,7 +63,16 @@ def caveat(config: dict, identity: dict) -> str:
                 "params.yaml.")
     return (f"**Miniature run, not the paper's setting.** The base model is a {config.get('n_layer')}-layer, "
             f"{config.get('n_embd')}-wide GPT-2 ({identity.get('name')}), not GPT-2 Medium, so these numbers show "
-            "the pipeline working, not a reproduction of Table 3. The paper's rows are for reference.")
+            "the pipeline working, not a reproduction of Table 3. The paper's rows are for reference."
+            + (f" The stand-in was pretrained on: {config['pretraining']}" if config.get("pretraining") else ""))
+
+
+def fidelity_note(metrics: dict[str, dict]) -> list[str]:
+    if not any(k in m for m in metrics.values() for k, _, _ in FIDELITY):
+        return []
+    return ["MR fidelity (ours only): distinct outputs among the test MRs' outputs; share of outputs that contain "
+            "their MR's name; share of all MR slot values realised, by an approximate pattern matcher "
+            "(stages/fidelity.py).", ""]
 
 
 def plot_loss(histories: dict[str, list], path: Path) -> None:
@@ -102,7 +118,7 @@ def main(argv=None) -> None:
     lines = ["# LoRA vs full fine-tuning on E2E (GPT-2, Hu et al. 2021 Table 3)", "", caveat(config, identity), "",
              "BLEU, METEOR and ROUGE-L in %, as the paper prints them; test set of "
              f"{metrics['lora']['test_mrs']} MRs.", "", *table(metrics), "",
-             "![training loss](plots/loss.png)", "", "![metrics](plots/metrics.png)", ""]
+             *fidelity_note(metrics), "![training loss](plots/loss.png)", "", "![metrics](plots/metrics.png)", ""]
     with atomic_dir(args.plots) as plots:
         plot_loss(histories, plots / "loss.png")
         plot_metrics(metrics, plots / "metrics.png")

@@ -1,0 +1,119 @@
+"""MR fidelity: does each output say what its MR says? Approximate, beside the n-gram metrics.
+
+BLEU and friends reward the references' style even when an output ignores its input (issue 11: 57 of 60 outputs
+were one sentence). Three numbers say whether a system follows its MRs:
+
+- `distinct_outputs`: how many different outputs it wrote (one per MR);
+- `name_realised`: share of MRs with a `name` slot whose output contains the name;
+- `slots_realised`: share of all slot values (name included) that the outputs realise.
+
+The slot matcher is a small set of hand-written patterns in the spirit of the slot error rate of the E2E cleaning
+work (Dušek, Howcroft and Rieser 2019, "Semantic Noise Matters for Neural Natural Language Generation", whose
+script matches each slot value against a list of surface forms). Ours is written from scratch and much smaller:
+names and other free-text values must appear verbatim (case and accents ignored); eatType, food, area,
+priceRange, customer rating and familyFriendly accept a few common realisations. It is **approximate**: it misses
+paraphrases, and a value that appears in a wrong context (e.g. "not family-friendly" is caught, "low prices" for
+a low rating is not) still counts. Use it to compare systems on the same MRs, not as an absolute error rate.
+
+    python -m stages.fidelity --refs data/raw/test.csv --predictions data/predictions/lora.txt [...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import unicodedata
+
+from stages.e2e import DataError, group_by_mr, parse_mr, read_e2e_csv, read_text
+
+KEYS = ("distinct_outputs", "name_realised", "slots_realised")
+
+_NEG = r"(?:not|n't|no|non|isn't|aren't)[- ](?:\w+[- ]){0,2}"
+_FAMILY = r"(?:family|families|kid|kids|child|children)"
+# (slot, normalised value) -> regex over the normalised output. Values not listed here must appear verbatim.
+_PATTERNS = {
+    ("eattype", "coffee shop"): r"coffee[- ]?shop|\bcaf[e]\b|coffee house",
+    ("eattype", "pub"): r"\bpubs?\b",
+    ("eattype", "restaurant"): r"restaurant",
+    ("food", "fast food"): r"fast[- ]food|burgers?|fries",
+    ("food", "english"): r"english|british",
+    ("area", "city centre"): r"cent(?:re|er)|downtown",
+    ("area", "riverside"): r"river",
+    ("pricerange", "cheap"): r"cheap|inexpensive|low[- ]?(?:cost|price|priced)|affordabl|budget",
+    ("pricerange", "moderate"): r"moderate|average[- ]?pric|mid[- ]?(?:range|price)|reasonabl",
+    ("pricerange", "high"): r"expensive|high(?:er)?[- ]?(?:end|cost|price|priced)|pricey|costly|pric\w*[^.]{0,20}\bhigh",
+    ("pricerange", "less than £20"): r"(?:less than|under|below|lower than) (?:£ ?)?20|cheap|inexpensive|low[- ]?pric",
+    ("pricerange", "£20-25"): r"£ ?20 ?(?:-|to|and) ?(?:£ ?)?25",
+    ("pricerange", "more than £30"): r"(?:more than|over|above|higher than) (?:£ ?)?30|expensive|high[- ]?pric",
+    ("customer rating", "1 out of 5"): r"\b(?:1|one)(?: out of (?:5|five)|/5| stars?)",
+    ("customer rating", "3 out of 5"): r"\b(?:3|three)(?: out of (?:5|five)|/5| stars?)",
+    ("customer rating", "5 out of 5"): r"\b(?:5|five)(?: out of (?:5|five)|/5| stars?)",
+}
+for _v in ("low", "average", "high"):  # the word within a few words of a rating word, either order
+    _PATTERNS[("customer rating", _v)] = (rf"\b{_v}(?:ly)?\b[^.]{{0,25}}(?:rat|review|star|score|custom)|"
+                                         rf"(?:rat|review|star|score)\w*[^.]{{0,25}}\b{_v}(?:ly)?\b")
+
+
+def normalise(text: str) -> str:
+    """Lower case, accents dropped (Café -> cafe), whitespace folded."""
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    return re.sub(r"\s+", " ", text.lower()).strip()
+
+
+def realised(key: str, value: str, output: str) -> bool:
+    """Whether `output` (approximately) realises slot `key[value]`."""
+    k, v, text = normalise(key), normalise(value), normalise(output)
+    if k == "familyfriendly" and v in ("yes", "no"):
+        negated = re.search(_NEG + _FAMILY, text) or re.search(r"adults?[- ]?(?:only|oriented)|for adults", text)
+        if v == "no":
+            return bool(negated)
+        return bool(re.search(_FAMILY, text)) and not negated
+    pattern = _PATTERNS.get((k, v))
+    if pattern is None:
+        return v in text
+    return re.search(pattern, text) is not None
+
+
+def fidelity(mrs: list[str], outputs: list[str]) -> dict:
+    """{distinct_outputs, name_realised, slots_realised} for one output per MR (ValueError on bad input)."""
+    if len(mrs) != len(outputs):
+        raise ValueError(f"{len(outputs)} outputs for {len(mrs)} MRs")
+    if not mrs:
+        raise ValueError("no MRs")
+    names = slots = names_hit = slots_hit = 0
+    for mr, out in zip(mrs, outputs):
+        for key, value in parse_mr(mr):
+            hit = realised(key, value, out)
+            slots, slots_hit = slots + 1, slots_hit + hit
+            if key == "name":
+                names, names_hit = names + 1, names_hit + hit
+    return {
+        "distinct_outputs": len({o.strip() for o in outputs}),
+        "name_realised": names_hit / names if names else 0.0,
+        "slots_realised": slots_hit / slots,
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--refs", required=True, help="E2E CSV with the MRs (test set), grouped in order of appearance")
+    ap.add_argument("--predictions", required=True, nargs="+", help="one output per line, one line per MR")
+    args = ap.parse_args(argv)
+    mrs = [mr for mr, _ in group_by_mr(read_e2e_csv(args.refs))]
+    result = {}
+    for path in args.predictions:
+        outputs = read_text(path).splitlines()
+        try:
+            result[path] = fidelity(mrs, outputs)
+        except ValueError as e:
+            raise DataError(f"{path}: {e}") from None
+    print(json.dumps(result, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"fidelity: error: {e}")
