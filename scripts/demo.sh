@@ -4,7 +4,7 @@
 # Builds a fresh git + DVC workspace in $1 (default: demo/), pretrains the small base model there
 # (stages/tiny_base.py: GPT-2 Medium's stand-in), then runs the pipeline as `dvc exp run` with the overrides
 # below and commits the result as the workspace's baseline, so that afterwards, in that workspace,
-#   dvc exp run -S lora.rank=8   reruns only train-lora, generate@lora, score@lora and report,
+#   dvc exp run -S lora.rank=8   reruns only train@lora-110, generate@lora-110, score@lora-110 and report,
 #   dvc metrics diff             shows what that changed, and dvc exp show lists both runs.
 set -euo pipefail
 export DVC_NO_ANALYTICS=1  # no usage reports from an offline demo
@@ -17,6 +17,7 @@ start=$SECONDS
 overrides=(
   data.source=data/sample
   model.name=base-model
+  'train.seeds=[110]'
   train.epochs=2
   train.warmup_steps=20
   lora.lr=0.002
@@ -39,7 +40,7 @@ cp -r "$here/stages" "$here/dvc.yaml" "$here/params.yaml" "$ws/"
 cp -r "$here/data/sample" "$ws/data/sample"
 cd "$ws"
 find stages -name __pycache__ -prune -exec rm -rf {} +
-printf '/base-model/\n__pycache__/\n' > .gitignore
+printf '/base-model/\n/checkpoints/\n__pycache__/\n' > .gitignore
 git init -q
 git config user.email demo@localhost
 git config user.name demo
@@ -54,7 +55,9 @@ python -m stages.tiny_base --train data/sample/trainset.csv --tokenizer "$here/d
   --out base-model "${base_args[@]}"
 
 echo "== dvc exp run with the demo's overrides"
-dvc exp run --name demo $(printf -- '-S %s ' "${overrides[@]}")
+set_args=()
+for o in "${overrides[@]}"; do set_args+=(-S "$o"); done
+dvc exp run --name demo "${set_args[@]}"
 git add -A
 git commit -qm "Demo baseline: ${overrides[*]}"
 

@@ -25,6 +25,7 @@ import re
 import sys
 import unicodedata
 
+from stages import cli
 from stages.e2e import DataError, group_by_mr, parse_mr, read_e2e_csv, read_text
 
 KEYS = ("distinct_outputs", "name_realised", "slots_realised")
@@ -76,6 +77,25 @@ def realised(key: str, value: str, output: str) -> bool:
     return re.search(pattern, text) is not None
 
 
+# The LoRA authors' re-serialised MRs (`name : X | Type : Y | price : £ 20 - 25`): their key names, and values
+# whitespace-tokenised around "£" and "-", mapped back to the official slots.
+AUTHORS_KEYS = {"Type": "eatType", "price": "priceRange", "family friendly": "familyFriendly"}
+
+
+def mr_slots(mr: str) -> list[tuple[str, str]]:
+    """(key, value) slots of an official MR (`name[X], ...`) or of an authors' one (`name : X | ...`)."""
+    if "[" in mr or " : " not in mr:
+        return parse_mr(mr)
+    out = []
+    for part in mr.split("|"):
+        key, sep, value = part.partition(" : ")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"malformed MR {mr!r}: expected 'key : value' in {part.strip()!r}")
+        value = re.sub(r"£ (\d)", r"£\1", value.strip()).replace(" - ", "-")
+        out.append((AUTHORS_KEYS.get(key.strip(), key.strip()), value))
+    return out
+
+
 def fidelity(mrs: list[str], outputs: list[str]) -> dict:
     """{distinct_outputs, name_realised, slots_realised} for one output per MR (ValueError on bad input)."""
     if len(mrs) != len(outputs):
@@ -84,7 +104,7 @@ def fidelity(mrs: list[str], outputs: list[str]) -> dict:
         raise ValueError("no MRs")
     names = slots = names_hit = slots_hit = 0
     for mr, out in zip(mrs, outputs):
-        for key, value in parse_mr(mr):
+        for key, value in mr_slots(mr):
             hit = realised(key, value, out)
             slots, slots_hit = slots + 1, slots_hit + hit
             if key == "name":
@@ -96,7 +116,7 @@ def fidelity(mrs: list[str], outputs: list[str]) -> dict:
     }
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--refs", required=True, help="E2E CSV with the MRs (test set), grouped in order of appearance")
     ap.add_argument("--predictions", required=True, nargs="+", help="one output per line, one line per MR")
@@ -110,10 +130,8 @@ def main(argv=None) -> None:
         except ValueError as e:
             raise DataError(f"{path}: {e}") from None
     print(json.dumps(result, indent=1, sort_keys=True))
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:
-        sys.exit(f"fidelity: error: {e}")
+    sys.exit(cli.run("fidelity", main))

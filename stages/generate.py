@@ -25,7 +25,7 @@ import torch
 from transformers import GPT2LMHeadModel, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
-from stages import authors_data, beam, cli, gpt2, lora, speed
+from stages import authors_data, beam, cli, fidelity, gpt2, lora, speed
 from stages import params as P
 from stages import runtime
 from stages.cli import InputError
@@ -76,9 +76,10 @@ def load_model(method: str, base: Path, model_dir: Path) -> GPT2LMHeadModel:
     return model
 
 
-def run_info(method: str, model_dir: Path, n: int) -> dict:
-    """What the score stage adds to the metrics: what was trained (deterministic: timings go to --costs)."""
-    info = {"trainable_params": 0, "test_mrs": n}  # base: nothing trained
+def run_info(method: str, model_dir: Path, mrs: list[str], preds: list[str]) -> dict:
+    """What the score stage adds to the metrics: what was trained, and how far the outputs follow their MRs
+    (stages/fidelity.py). Deterministic: timings go to --costs."""
+    info = {"trainable_params": 0, "test_mrs": len(preds), **fidelity.fidelity(mrs, preds)}  # base: none trained
     if method != "base":
         path = model_dir / "train_info.json"
         try:
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
     with atomic_file(out) as f:
         f.writelines(p + "\n" for p in preds)
-    write_json(out.with_suffix(".json"), run_info(args.method, model_dir, len(preds)))
+    write_json(out.with_suffix(".json"), run_info(args.method, model_dir, test["mr"], preds))
     write_json(args.costs, {"generate_time_s": round(seconds, 1), "outputs_per_s": round(len(preds) / seconds, 3)})
     empty = sum(not p for p in preds)
     print(f"generate-{args.method}: {len(preds)} outputs ({empty} empty) -> {out}", file=sys.stderr)

@@ -1,25 +1,32 @@
-"""report: a Markdown table of the three rows beside the paper's Table 3, and plots that open offline.
+"""report: a Markdown table of our runs beside the paper's Table 3, mean ± std over seeds, and offline plots.
 
 The paper's numbers are printed as the paper's, never mixed with ours. When the base model is not GPT-2 Medium
-(the offline demo's small stand-in) the report says so: those are miniature numbers, not a reproduction.
+(the offline demo's small stand-in) the report says so: those are miniature numbers, not a reproduction. It reads
+exactly the runs of `train.seeds`: a file left by a seed since removed is never averaged in.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 import matplotlib
+import pandas as pd
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from stages import cli  # noqa: E402
+from stages import params as P  # noqa: E402
+from stages.cli import InputError  # noqa: E402
 from stages.outputs import atomic_dir, atomic_file  # noqa: E402
 
 METHODS = {"base": "pretrained only (no fine-tuning)", "lora": "LoRA", "full": "full fine-tuning"}
-METRICS = [("bleu", "BLEU", 100), ("nist", "NIST", 1), ("meteor", "METEOR", 100), ("rouge_l", "ROUGE-L", 100),
-           ("cider", "CIDEr", 1)]
+# (key, header, factor to the paper's units, decimals as the paper prints them)
+METRICS = [("bleu", "BLEU", 100, 2), ("nist", "NIST", 1, 4), ("meteor", "METEOR", 100, 2),
+           ("rouge_l", "ROUGE-L", 100, 2), ("cider", "CIDEr", 1, 4)]
 # Hu et al. 2021, Table 3 (GPT-2 Medium, E2E test set). The FT row is copied there from Li & Liang (2021).
 PAPER = {
     "full": {"params": "354.92M", "bleu": "68.2", "nist": "8.62", "meteor": "46.2", "rouge_l": "71.0",
@@ -27,32 +34,78 @@ PAPER = {
     "lora": {"params": "0.35M", "bleu": "70.4±.1", "nist": "8.85±.02", "meteor": "46.8±.2", "rouge_l": "71.8±.1",
              "cider": "2.53±.02"},
 }
+PROTOCOLS = {"authors": "the LoRA authors' protocol (their E2E text files, gpt2_beam.py decoding, the official "
+                        "scorer's -p mode), the one that produced the paper's numbers",
+             "e2e": "the official E2E protocol (the challenge's CSVs and the official scorer's default Perl mode), "
+                    "comparable with the E2E challenge's systems; the paper's rows used the authors' protocol"}
 GPT2_MEDIUM = {"n_layer": 24, "n_embd": 1024, "vocab_size": 50257}
 # MR fidelity (stages/fidelity.py), shown when the score stage wrote it: (key, header, format).
-FIDELITY = [("distinct_outputs", "distinct outputs", "{:d}"), ("name_realised", "name realised", "{:.0%}"),
+FIDELITY = [("distinct_outputs", "distinct outputs", "{:.0f}"), ("name_realised", "name realised", "{:.0%}"),
             ("slots_realised", "slots realised", "{:.0%}")]
 
 
-def fmt_params(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 10_000 else str(n)
+def read_seeds(params: dict) -> list[int]:
+    seeds = P.get(params, "train.seeds")
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                      for s in seeds)):
+        raise P.ParamError(f"train.seeds must be a non-empty list of seeds (integers >= 0), got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise P.ParamError(f"train.seeds: duplicate seeds in {seeds}: each would be one run counted twice")
+    return seeds
 
 
-def table(metrics: dict[str, dict]) -> list[str]:
-    """One row per run; the fidelity columns appear when every run's metrics hold them (the paper has none)."""
-    fidelity = [f for f in FIDELITY if all(f[0] in m for m in metrics.values())]
-    head = ("| run | trainable params | " + " | ".join(m[1] for m in METRICS) + "".join(f" | {f[1]}" for f in fidelity)
-            + " | train time (s) | peak memory (MB) |")
-    rows = [head, "|" + " --- |" * (len(METRICS) + len(fidelity) + 4)]
-    for method, m in metrics.items():
-        cells = [f"{m[k] * scale:.2f}" if scale == 100 else f"{m[k]:.4f}" for k, _, scale in METRICS]
-        cells += [fmt.format(m[k]) for k, _, fmt in fidelity]
-        cost = [str(m.get("train_time_s", "–")), str(m.get("peak_memory_mb", "–"))]
-        rows.append(f"| ours: {METHODS[method]} | {fmt_params(m['trainable_params'])} | " + " | ".join(cells + cost)
-                    + " |")
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read ({e})") from None
+    bad = [k for k, v in data.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise InputError(f"{path}: non-finite {bad[0]}")
+    return data
+
+
+def runs(scores: Path, costs: Path, seeds: list[int]) -> pd.DataFrame:
+    """One row per run: base once, each method once per seed; quality and cost columns."""
+    rows = [{"method": "base", "seed": None, **read_json(scores / "base.json")}]
+    for method in ("lora", "full"):
+        for seed in seeds:
+            run = f"{method}-s{seed}"
+            rows.append({"method": method, "seed": seed, **read_json(scores / f"{run}.json"),
+                         **read_json(costs / f"train-{run}.json")})
+    return pd.DataFrame(rows)
+
+
+def cell(values: pd.Series, scale: float, decimals: int) -> str:
+    """mean, and ± sample std (n - 1) over seeds when there are several, in the paper's units."""
+    values = values.dropna() * scale
+    if values.empty:
+        return "–"
+    text = f"{values.mean():.{decimals}f}"
+    return text + (f" ± {values.std(ddof=1):.{decimals}f}" if len(values) > 1 else "")
+
+
+def fmt_params(n: float) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 10_000 else f"{n:.0f}"
+
+
+def table(df: pd.DataFrame) -> list[str]:
+    """One row per method (mean ± std over its seeds), then the paper's rows; fidelity columns when present."""
+    fidelity = [f for f in FIDELITY if f[0] in df and df[f[0]].notna().all()]
+    head = ("| run | seeds | trainable params | " + " | ".join(m[1] for m in METRICS)
+            + "".join(f" | {f[1]}" for f in fidelity) + " | train time (s) | peak memory (MB) |")
+    rows = [head, "|" + " --- |" * (len(METRICS) + len(fidelity) + 5)]
+    for method, group in df.groupby("method", sort=False):
+        cells = [cell(group[k], scale, d) for k, _, scale, d in METRICS]
+        cells += [fmt.format(group[k].mean()) for k, _, fmt in fidelity]
+        cells += [cell(group[k], 1, 1) if k in group else "–" for k in ("train_time_s", "peak_memory_mb")]
+        n = "–" if method == "base" else str(len(group))
+        rows.append(f"| ours: {METHODS[method]} | {n} | {fmt_params(group['trainable_params'].iloc[0])} | "
+                    + " | ".join(cells) + " |")
     for method in ("full", "lora"):
         p = PAPER[method]
-        rows.append(f"| paper: GPT-2 M ({'FT' if method == 'full' else 'LoRA'}) | {p['params']} | "
-                    + " | ".join(p[k] for k, _, _ in METRICS) + " |" * len(fidelity) + " | | |")
+        rows.append(f"| paper: GPT-2 M ({'FT' if method == 'full' else 'LoRA'}) | | {p['params']} | "
+                    + " | ".join(p[k] for k, _, _, _ in METRICS) + " |" * len(fidelity) + " | | |")
     return rows
 
 
@@ -67,68 +120,78 @@ def caveat(config: dict, identity: dict) -> str:
             + (f" The stand-in was pretrained on: {config['pretraining']}" if config.get("pretraining") else ""))
 
 
-def fidelity_note(metrics: dict[str, dict]) -> list[str]:
-    if not any(k in m for m in metrics.values() for k, _, _ in FIDELITY):
+def fidelity_note(df: pd.DataFrame) -> list[str]:
+    if not any(k in df for k, _, _ in FIDELITY):
         return []
     return ["MR fidelity (ours only): distinct outputs among the test MRs' outputs; share of outputs that contain "
             "their MR's name; share of all MR slot values realised, by an approximate pattern matcher "
-            "(stages/fidelity.py).", ""]
+            "(stages/fidelity.py); means over seeds.", ""]
 
 
-def plot_loss(histories: dict[str, list], path: Path) -> None:
+def read_curve(path: Path) -> pd.DataFrame | None:
+    """A DVCLive metric file (step and value, tab-separated), if the run logged one."""
+    return pd.read_csv(path, sep="\t") if path.is_file() else None
+
+
+def plot_loss(live: Path, seeds: list[int], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, hist in histories.items():
-        train = [(h["step"], h["loss"]) for h in hist if "loss" in h]
-        evals = [(h["step"], h["eval_loss"]) for h in hist if "eval_loss" in h]
-        if train:
-            ax.plot(*zip(*train), label=f"{METHODS[method]}: train")
-        if evals:
-            ax.plot(*zip(*evals), "o--", label=f"{METHODS[method]}: validation")
-    ax.set(xlabel="optimizer step", ylabel="loss (label-smoothed)", title="Training loss")
+    for method, color in (("lora", "tab:blue"), ("full", "tab:orange")):
+        for i, seed in enumerate(seeds):
+            metrics = live / f"train-{method}-s{seed}" / "plots" / "metrics"
+            label = f"{METHODS[method]}" if i == 0 else None
+            train, evals = read_curve(metrics / "loss.tsv"), read_curve(metrics / "eval" / "loss.tsv")
+            if train is not None:
+                ax.plot(train["step"], train["loss"], color=color, alpha=0.8, label=label and f"{label}: train")
+            if evals is not None:
+                ax.plot(evals["step"], evals["loss"], "o--", color=color, label=label and f"{label}: validation")
+    ax.set(xlabel="logging step", ylabel="loss (label-smoothed)", title="Training loss (every seed)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def plot_metrics(metrics: dict[str, dict], path: Path) -> None:
+def plot_metrics(df: pd.DataFrame, path: Path) -> None:
+    means = df.groupby("method", sort=False).mean(numeric_only=True)
     fig, axes = plt.subplots(1, len(METRICS), figsize=(12, 3))
-    for ax, (key, name, scale) in zip(axes, METRICS):
-        ax.bar(list(metrics), [metrics[m][key] * scale for m in metrics], color=["grey", "tab:blue", "tab:orange"])
+    for ax, (key, name, scale, _) in zip(axes, METRICS):
+        ax.bar(list(means.index), means[key] * scale, color=["grey", "tab:blue", "tab:orange"][:len(means)])
         ax.set_title(name)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--metrics", required=True, help="directory with base.json, lora.json, full.json")
-    ap.add_argument("--models", required=True, help="directory with base/, lora/, full/")
+    ap.add_argument("--scores", required=True, help="directory with base.json and <method>-s<seed>.json")
+    ap.add_argument("--costs", required=True, help="directory with train-<method>-s<seed>.json")
+    ap.add_argument("--live", required=True, help="DVCLive directories train-<method>-s<seed>/ (loss curves)")
+    ap.add_argument("--base", required=True, help="the base model directory (config.json, identity.json)")
     ap.add_argument("--out", required=True, help="Markdown report to write")
     ap.add_argument("--plots", required=True, help="directory for loss.png and metrics.png")
     args = ap.parse_args(argv)
 
-    metrics_dir, models = Path(args.metrics), Path(args.models)
-    metrics = {m: json.loads((metrics_dir / f"{m}.json").read_text()) for m in METHODS}
-    histories = {m: json.loads((models / m / "log_history.json").read_text()) for m in ("lora", "full")}
-    config = json.loads((models / "base" / "config.json").read_text())
-    identity = json.loads((models / "base" / "identity.json").read_text())
-
+    params = P.load()
+    seeds = read_seeds(params)
+    protocol = P.choice(params, "protocol", tuple(PROTOCOLS))
+    df = runs(Path(args.scores), Path(args.costs), seeds)
+    base = Path(args.base)
+    config, identity = read_json(base / "config.json"), read_json(base / "identity.json")
     lines = ["# LoRA vs full fine-tuning on E2E (GPT-2, Hu et al. 2021 Table 3)", "", caveat(config, identity), "",
-             "BLEU, METEOR and ROUGE-L in %, as the paper prints them; test set of "
-             f"{metrics['lora']['test_mrs']} MRs.", "", *table(metrics), "",
-             *fidelity_note(metrics), "![training loss](plots/loss.png)", "", "![metrics](plots/metrics.png)", ""]
+             f"Protocol: {PROTOCOLS[protocol]}.", "",
+             "BLEU, METEOR and ROUGE-L in %, as the paper prints them; mean ± sample standard deviation over "
+             f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}); test set of "
+             f"{int(df['test_mrs'].iloc[0])} MRs.", "", *table(df), "",
+             *fidelity_note(df), "![training loss](plots/loss.png)", "", "![metrics](plots/metrics.png)", ""]
     with atomic_dir(args.plots) as plots:
-        plot_loss(histories, plots / "loss.png")
-        plot_metrics(metrics, plots / "metrics.png")
+        plot_loss(Path(args.live), seeds, plots / "loss.png")
+        plot_metrics(df, plots / "metrics.png")
         with atomic_file(args.out) as f:
             f.write("\n".join(lines))
     print(f"report: {args.out}, {args.plots}/", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (OSError, KeyError, ValueError) as e:
-        sys.exit(f"report: error: {e}")
+    sys.exit(cli.run("report", main))

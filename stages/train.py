@@ -29,7 +29,7 @@ from stages.cli import InputError, RunError
 from stages.outputs import atomic_dir, check_writable, write_json
 
 KNOWN = {
-    "train": ("seed", "epochs", "batch_size", "label_smoothing", "warmup_steps", "max_grad_norm", "adam_epsilon",
+    "train": ("seeds", "epochs", "batch_size", "label_smoothing", "warmup_steps", "max_grad_norm", "adam_epsilon",
               "gpt2_dropout", "processes", "checkpoint_steps"),
     "lora": ("rank", "alpha", "dropout", "targets", "lr", "weight_decay"),
     "full": ("lr", "weight_decay"),
@@ -38,12 +38,15 @@ KNOWN = {
 TIMING_SUFFIXES = ("_runtime", "_per_second")
 
 
-def read_config(params: dict, method: str) -> dict:
-    """All knobs this run uses, validated before the model is loaded (errors name the parameter)."""
+def read_config(params: dict, method: str, seed: int = 0) -> dict:
+    """All knobs this run uses, validated before the model is loaded (errors name the parameter). The seed comes
+    from the command line: dvc.yaml runs one train stage per seed of train.seeds."""
     for section in ("train", method):
         P.warn_unknown(params, section, KNOWN[section])
+    if seed < 0:
+        raise P.ParamError(f"train.seeds: a seed must be >= 0, got {seed}")
     cfg = {
-        "seed": P.number(params, "train.seed", kind=int, min=0),
+        "seed": seed,
         "epochs": P.number(params, "train.epochs", min=0, min_inclusive=False, max=10_000),
         "batch_size": P.number(params, "train.batch_size", kind=int, min=1),
         "label_smoothing": P.number(params, "train.label_smoothing", min=0, max=1, max_inclusive=False),
@@ -193,6 +196,7 @@ def launch(processes: int, argv: list[str]) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", choices=("lora", "full"), required=True)
+    ap.add_argument("--seed", type=int, required=True, help="one of train.seeds (dvc.yaml's matrix passes it)")
     ap.add_argument("--data", required=True, help="preprocess output (Arrow datasets train/, validation/)")
     ap.add_argument("--base", required=True, help="pretrained model directory (download output)")
     ap.add_argument("--out", required=True, help="output directory (weights or adapter, train_info, log)")
@@ -203,7 +207,7 @@ def main(argv=None) -> int:
     runtime.keep_freed_memory()
     datasets.disable_progress_bars()
 
-    cfg = read_config(P.load(), args.method)
+    cfg = read_config(P.load(), args.method, args.seed)
     for path in (args.out, args.costs, Path(args.live) / "metrics.json"):
         check_writable(path)
     if cfg["processes"] > 1 and "LOCAL_RANK" not in os.environ:  # the launcher sets LOCAL_RANK in each worker

@@ -33,9 +33,16 @@ def ws(tmp_path_factory):
 
 FAST = {"train.epochs": 1, "train.warmup_steps": 0, "generate.num_beams": 1, "generate.max_new_tokens": 4}
 # The DVCLive log of a run that fails mid-training is kept for diagnosis (the loss curve up to the NaN): outside out/.
-TRAIN = ["stages.train", "--method", "lora", "--data", "data/prepared", "--base", "models/base",
+TRAIN = ["stages.train", "--method", "lora", "--seed", "110", "--data", "data/prepared", "--base", "models/base",
          "--out", "out/lora", "--costs", "out/costs.json", "--live", "live/train"]
-TRAIN_FULL = [*TRAIN[:2], "full", *TRAIN[3:]]
+
+
+def replace_arg(command: list[str], flag: str, value: str) -> list[str]:
+    i = command.index(flag) + 1
+    return [*command[:i], value, *command[i + 1:]]
+
+
+TRAIN_FULL = replace_arg(TRAIN, "--method", "full")
 GENERATE = ["stages.generate", "--method", "base", "--data", "data/prepared", "--base", "models/base",
             "--model", "models/base", "--out", "out/base.txt", "--costs", "out/costs.json"]
 PREPROCESS = ["stages.preprocess", "--raw", "data/raw", "--tokenizer", "models/base/tokenizer.json",
@@ -96,14 +103,15 @@ CASES = {
     "label smoothing nan": (TRAIN, {"train.label_smoothing": math.nan}, None, 2, "train.label_smoothing"),
     "epochs inf": (TRAIN, {"train.epochs": math.inf}, None, 2, "train.epochs must be a finite number"),
     "lr nan (full)": (TRAIN_FULL, {"full.lr": math.nan}, None, 2, "full.lr"),
+    "negative seed": (replace_arg(TRAIN, "--seed", "-1"), {}, None, 2, "train.seeds: a seed must be >= 0"),
     "lora targets empty": (TRAIN, {"lora.targets": []}, None, 2, "lora.targets"),
     "lora targets duplicate": (TRAIN, {"lora.targets": ["q", "q"]}, None, 2, "lora.targets: duplicates"),
     "length penalty nan": (GENERATE, {"generate.length_penalty": math.nan}, None, 2, "generate.length_penalty"),
     "base weights nan (train)": (TRAIN, {}, nan_weights, 2, "model.safetensors: 1 weight tensors hold NaN"),
     "base weights nan (generate)": (GENERATE, {}, nan_weights, 2, "model.safetensors: 1 weight tensors hold NaN"),
     "loss diverges": (TRAIN_FULL, {"full.lr": 1e30}, None, 1, "at step"),
-    "train out not writable": ([*TRAIN[:8], UNWRITABLE, *TRAIN[9:]], {}, None, 2, "cannot write the output"),
-    "generate out not writable": ([*GENERATE[:10], UNWRITABLE, *GENERATE[11:]], {}, None, 2,
+    "train out not writable": (replace_arg(TRAIN, "--out", UNWRITABLE), {}, None, 2, "cannot write the output"),
+    "generate out not writable": (replace_arg(GENERATE, "--out", UNWRITABLE), {}, None, 2,
                                   "cannot write the output"),
     "train out under a file": (TRAIN, {}, make_dir_at_out, 2, "out/lora: cannot create"),
     "mr missing bracket": (PREPROCESS, E2E, bad_mr("name[The Eagle"), 2, "dev.csv: data row 2 (line 3)"),

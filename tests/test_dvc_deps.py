@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import itertools
 import re
 from pathlib import Path
 
@@ -73,13 +74,32 @@ def runs_code(path: Path) -> bool:
 
 
 def expand(stages: dict) -> dict[str, dict]:
-    """foreach stages as DVC names them: `generate@lora` with ${item} substituted."""
+    """foreach and matrix stages as DVC names them (`generate@lora-110`), ${item...} substituted; a matrix's
+    lists may come from params.yaml (`${train.seeds}`)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+    def lookup(value):
+        if isinstance(value, str) and value.startswith("${"):
+            node = params
+            for part in value[2:-1].split("."):
+                node = node[part]
+            return node
+        return value
+
     out = {}
     for name, stage in stages.items():
         if "foreach" in stage:
             for item in stage["foreach"]:
                 text = yaml.safe_dump(stage["do"]).replace("${item}", str(item))
                 out[f"{name}@{item}"] = yaml.safe_load(text)
+        elif "matrix" in stage:
+            axes = {k: lookup(v) for k, v in stage["matrix"].items()}
+            body = {k: v for k, v in stage.items() if k != "matrix"}
+            for combo in itertools.product(*axes.values()):
+                text = yaml.safe_dump(body)
+                for key, value in zip(axes, combo):
+                    text = text.replace("${item.%s}" % key, str(value))
+                out[f"{name}@{'-'.join(map(str, combo))}"] = yaml.safe_load(text)
         else:
             out[name] = stage
     return out

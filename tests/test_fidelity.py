@@ -48,7 +48,7 @@ def test_bad_input_is_an_error():
         fidelity([MR, MR], ["x"])
     with pytest.raises(ValueError, match="no MRs"):
         fidelity([], [])
-    with pytest.raises(ValueError, match="malformed MR slot"):
+    with pytest.raises(ValueError, match="malformed MR"):
         fidelity(["name The Eagle"], ["x"])
 
 
@@ -117,3 +117,13 @@ def test_cli_names_the_file_when_line_counts_differ(tmp_path):
     pred.write_text("Aromi.\n")
     with pytest.raises(Exception, match=r"p\.txt: 1 outputs for 2 MRs"):
         main(["--refs", str(refs), "--predictions", str(pred)])
+
+
+def test_authors_mr_syntax_gives_the_official_slots():
+    """The authors' text re-serialises MRs; fidelity reads both, with the same slot keys and values."""
+    from stages.fidelity import mr_slots as slots
+    official = "name[Cotto], eatType[coffee shop], priceRange[£20-25], familyFriendly[yes], customer rating[low]"
+    authors = "name : Cotto | Type : coffee shop | price : £ 20 - 25 | family friendly : yes | customer rating : low"
+    assert slots(authors) == slots(official)
+    with pytest.raises(ValueError, match="malformed MR"):
+        slots("name : Cotto | Type coffee shop")

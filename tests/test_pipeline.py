@@ -44,12 +44,13 @@ def demo(tmp_path_factory):
 
 def test_demo_runs_every_stage_and_reports(demo):
     ws, out = demo
-    assert stages_run(out) == {"download", "preprocess", "train-lora", "train-full", "generate@base",
-                               "generate@lora", "generate@full", "score@base", "score@lora", "score@full", "report"}
-    for method in ("base", "lora", "full"):
-        metrics = json.loads((ws / "metrics" / f"{method}.json").read_text())
+    assert stages_run(out) == {"download", "preprocess", "train@lora-110", "train@full-110", "generate-base",
+                               "generate@lora-110", "generate@full-110", "score-base", "score@lora-110",
+                               "score@full-110", "report"}
+    for run_name in ("base", "lora-s110", "full-s110"):
+        metrics = json.loads((ws / "metrics" / "scores" / f"{run_name}.json").read_text())
         assert METRICS <= metrics.keys()
-    lora = json.loads((ws / "metrics" / "lora.json").read_text())
+    lora = json.loads((ws / "metrics" / "scores" / "lora-s110.json").read_text())
     assert lora["trainable_params"] == 1 * 2 * 2 * 4 * 32  # 1 layer x (q, v) x (A + B) x rank 4 x width 32
     report = (ws / "metrics" / "report.md").read_text()
     assert "Miniature run, not the paper's setting" in report and "paper: GPT-2 M (LoRA)" in report
@@ -61,26 +62,41 @@ def test_demo_runs_every_stage_and_reports(demo):
 def test_lora_knob_reruns_only_the_lora_branch(demo):
     ws, _ = demo
     out = run(["dvc", "exp", "run", "-S", "lora.rank=8"], cwd=ws)
-    assert stages_run(out) == {"train-lora", "generate@lora", "score@lora", "report"}
+    assert stages_run(out) == {"train@lora-110", "generate@lora-110", "score@lora-110", "report"}
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], cwd=ws))
-    assert diff["metrics/lora.json"]["trainable_params"] == {"old": 512, "new": 1024, "diff": 512}
-    assert "metrics/full.json" not in diff or "trainable_params" not in diff["metrics/full.json"]
+    assert diff["metrics/scores/lora-s110.json"]["trainable_params"] == {"old": 512, "new": 1024, "diff": 512}
+    full = diff.get("metrics/scores/full-s110.json", {})
+    assert "trainable_params" not in full
+
+
+def test_a_second_seed_trains_only_its_runs_and_the_report_shows_a_spread(demo):
+    ws, _ = demo
+    out = run(["dvc", "exp", "run", "-S", "train.seeds=[110,111]"], cwd=ws)
+    assert stages_run(out) == {"train@lora-111", "train@full-111", "generate@lora-111", "generate@full-111",
+                               "score@lora-111", "score@full-111", "report"}
+    report = (ws / "metrics" / "report.md").read_text()
+    assert "over 2 seeds (110, 111)" in report
+    lora_row = next(line for line in report.splitlines() if line.startswith("| ours: LoRA"))
+    assert "±" in lora_row and "| 2 |" in lora_row
 
 
 def test_preprocess_knob_reruns_everything_but_download(demo):
     ws, _ = demo
     out = run(["dvc", "exp", "run", "-S", "preprocess.format=equals"], cwd=ws)
-    assert stages_run(out) == {"preprocess", "train-lora", "train-full", "generate@base", "generate@lora",
-                               "generate@full", "score@base", "score@lora", "score@full", "report"}
+    assert stages_run(out) == {"preprocess", "train@lora-110", "train@full-110", "train@lora-111", "train@full-111",
+                               "generate-base", "generate@lora-110", "generate@full-110", "generate@lora-111",
+                               "generate@full-111", "score-base", "score@lora-110", "score@full-110",
+                               "score@lora-111", "score@full-111", "report"}
 
 
 def test_two_processes_rerun_only_training_and_what_follows(demo):
     """One knob for several processes (GPUs): the pipeline's definition does not change, only what it trains."""
     ws, _ = demo
     out = run(["dvc", "exp", "run", "-S", "train.processes=2"], cwd=ws)
-    assert stages_run(out) == {"train-lora", "train-full", "generate@lora", "generate@full", "score@lora",
-                               "score@full", "report"}
-    assert out.count("trainable parameters") == 2  # each training stage reports once (rank 0), not per rank
+    assert stages_run(out) == {"train@lora-110", "train@full-110", "train@lora-111", "train@full-111",
+                               "generate@lora-110", "generate@full-110", "generate@lora-111", "generate@full-111",
+                               "score@lora-110", "score@full-110", "score@lora-111", "score@full-111", "report"}
+    assert out.count("trainable parameters") == 4  # each training stage reports once (rank 0), not per rank
 
 
 def test_bad_param_fails_the_stage_with_its_name_and_keeps_outputs_whole(demo):

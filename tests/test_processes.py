@@ -15,7 +15,7 @@ import pytest
 from conftest import make_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ["-m", "stages.train", "--method", "lora", "--data", "data/prepared", "--base", "models/base",
+TRAIN = ["-m", "stages.train", "--method", "lora", "--seed", "110", "--data", "data/prepared", "--base", "models/base",
          "--out", "models/lora", "--costs", "costs.json", "--live", "live"]
 
 

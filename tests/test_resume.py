@@ -40,7 +40,7 @@ def ws(tmp_path_factory):
 
 
 def command(name: str) -> list[str]:
-    return [sys.executable, "-m", "stages.train", "--method", "lora", "--data", "data/prepared", "--base",
+    return [sys.executable, "-m", "stages.train", "--method", "lora", "--seed", "110", "--data", "data/prepared", "--base",
             "models/base", "--out", f"models/{name}", "--costs", f"costs-{name}.json", "--live", f"live-{name}",
             "--checkpoints", f"checkpoints/{name}"]
 
