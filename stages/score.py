@@ -17,7 +17,6 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 from stages.e2e import DataError, group_by_mr, read_e2e_csv, read_text
@@ -79,11 +78,15 @@ def _warn_scattered_mrs(path: str | Path, rows: list[tuple[str, str]]) -> None:
               f"the official scorer would make {starts}", file=sys.stderr)
 
 
+def _non_finite(path: str, constant: str):
+    raise DataError(f"{path}: non-finite number {constant}")
+
+
 def _load_extra(paths: list[str]) -> dict:
     extra: dict = {}
     for path in paths:
         try:
-            obj = json.loads(read_text(path))
+            obj = json.loads(read_text(path), parse_constant=lambda c: _non_finite(path, c))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not JSON ({e})") from None
         if not isinstance(obj, dict):
@@ -151,9 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", type=Path, help="write the JSON here (atomically) instead of stdout")
     ap.add_argument("--extra", action="append", default=[], help="JSON object merged into the output (repeatable)")
     args = ap.parse_args(argv)
-    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, _exit_on_signal)
     try:
         if args.output:
             _check_writable(args.output)
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: {args.predictions}: {empty} empty prediction line(s), scored as empty outputs",
                   file=sys.stderr)
         result = {**score(refs, preds, mode=args.mode), "mode": args.mode, **extra}
-        text = json.dumps(result, indent=2, sort_keys=True) + "\n"
+        text = json.dumps(result, indent=2, sort_keys=True, allow_nan=False) + "\n"
         if args.output:
             try:
                 _write_atomically(args.output, text)
@@ -182,4 +182,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     sys.exit(main())

@@ -194,6 +194,13 @@ def test_an_mr_without_references_is_an_error_naming_it(tmp_path):
     assert run.returncode == 2 and run.stdout == "" and "name[B]" in run.stderr and run.stderr.count("\n") == 1
 
 
+def test_extra_json_with_non_finite_numbers_is_refused(cli, tmp_path, capsys):
+    extra = tmp_path / "extra.json"
+    extra.write_text('{"train_loss": NaN}', encoding="utf-8")
+    assert cli("--extra", str(extra)) == 2
+    assert "extra.json: non-finite number NaN" in capsys.readouterr().err and cli.calls == []
+
+
 @pytest.mark.parametrize("bad", ["meteor", "nist"])
 def test_non_finite_metrics_are_refused(monkeypatch, bad):
     class FakeMeteor:  # no JVM: a METEOR that reports `value`
