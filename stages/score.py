@@ -1,25 +1,31 @@
 """Score system outputs with the five E2E NLG Challenge metrics: a faster drop-in for the official scorer
-(e2e-metrics measure_scores.py, default Perl mode), giving its values without Perl and with one JVM (METEOR).
+(e2e-metrics measure_scores.py), giving its values without Perl and with one JVM (METEOR), in either of its modes.
 
-    python -m stages.score --refs REFS --predictions PRED [--output FILE] [--extra FILE ...]
+    python -m stages.score --refs REFS --predictions PRED [-p | --mode perl|python] [--output FILE] [--extra FILE ...]
 
 REFS: an E2E CSV (`mr`, `ref` columns; references grouped per MR in order of first appearance) or a text file (the
 references of one instance on consecutive lines, instances separated by empty lines; a file without empty lines
-holds one reference per instance). PRED: one output per line, one line per instance.
+holds one reference per instance). PRED: one output per line, one line per instance. `--mode perl` (default) is
+measure_scores.py's default MT-Eval (mteval-v13a-sig.pl) for BLEU and NIST, `-p` / `--mode python` its `-p`
+(pymteval.py); the other three metrics are the same in both. The JSON (keys sorted) records the mode.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from stages.e2e import DataError, group_by_mr, read_e2e_csv, read_text
-from stages.metrics import JavaError, score
-from stages.outputs import atomic_file
+from stages.scoring import METRICS, MODES, JavaError, ScoreError, score
 
 __all__ = ["score", "load_refs", "load_predictions", "main"]
-METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
+RESERVED = (*METRICS, "mode")
+# params.yaml's protocol -> scoring mode (score.mode: auto): the authors scored Table 3 with measure_scores.py -p.
+PROTOCOL_MODES = {"authors": "python", "e2e": "perl"}  # keys of our own in the output JSON
 # measure_scores.py read_tsv repairs these mis-encodings in CSV files before parsing.
 _MOJIBAKE = (("Ł", "£"), ("Â£", "£"), ("Ã©", "é"), ("ã©", "é"))
 
@@ -39,7 +45,11 @@ def load_refs(path: str | Path) -> list[list[str]]:
     if Path(path).suffix.lower() == ".csv":
         rows = [(_fix(mr), _fix(ref)) for mr, ref in read_e2e_csv(path)]
         _warn_scattered_mrs(path, rows)
-        return [refs for _, refs in group_by_mr(rows)]
+        groups = group_by_mr(rows)
+        for mr, refs in groups:
+            if not any(refs):
+                raise DataError(f"{path}: MR {mr!r} has no references (its ref fields are empty)")
+        return [refs for _, refs in groups]
     instances: list[list[str]] = [[]]
     for line in _lines(path):
         if line:
@@ -70,30 +80,92 @@ def _warn_scattered_mrs(path: str | Path, rows: list[tuple[str, str]]) -> None:
               f"the official scorer would make {starts}", file=sys.stderr)
 
 
+def _non_finite(path: str, constant: str):
+    raise DataError(f"{path}: non-finite number {constant}")
+
+
 def _load_extra(paths: list[str]) -> dict:
     extra: dict = {}
     for path in paths:
         try:
-            obj = json.loads(read_text(path))
+            obj = json.loads(read_text(path), parse_constant=lambda c: _non_finite(path, c))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not JSON ({e})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}: expected a JSON object")
-        clash = sorted(set(obj) & set(METRICS))
+        clash = sorted(set(obj) & set(RESERVED))
         if clash:
             raise DataError(f"{path}: keys {clash} collide with metric names")
         extra.update(obj)
     return extra
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (other threads may create files meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before scoring if `path` cannot be written: its folder must exist and be writable."""
+    parent = path.parent
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a file path for --output")
+    if not parent.is_dir():
+        raise DataError(f"{path}: cannot write: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(f"{path}: cannot write: folder {parent} is not writable")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write a sibling temporary file, then rename it over `path`: readers see the old file or the whole new one.
+    The file gets the mode a plain open() would give (0666 less the umask), not mkstemp's 0600."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _exit_on_signal(signum, frame):
+    # SIGTERM/SIGHUP become SystemExit, so that finally-blocks run: METEOR's JVM is killed, temp dirs removed.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m stages.score", description=__doc__.split("\n\n")[0])
     ap.add_argument("--refs", required=True, help="E2E CSV (mr, ref) or blank-line-separated text references")
     ap.add_argument("--predictions", required=True, help="one output per line")
+    ap.add_argument("--mode", choices=sorted(MODES) + ["auto"], default="perl",
+                    help="BLEU/NIST as measure_scores.py's default Perl MT-Eval (perl) or its -p Python one (python); "
+                         "auto: the one --protocol uses")
+    ap.add_argument("-p", "--python", dest="mode", action="store_const", const="python", help="same as --mode python")
+    ap.add_argument("--protocol", choices=sorted(PROTOCOL_MODES),
+                    help="with --mode auto: authors scores as the LoRA authors did (python), e2e as the challenge (perl)")
     ap.add_argument("--output", type=Path, help="write the JSON here (atomically) instead of stdout")
     ap.add_argument("--extra", action="append", default=[], help="JSON object merged into the output (repeatable)")
     args = ap.parse_args(argv)
+    if args.mode == "auto":
+        if args.protocol is None:
+            ap.error("--mode auto needs --protocol authors|e2e")
+        args.mode = PROTOCOL_MODES[args.protocol]
     try:
+        if args.output:
+            _check_writable(args.output)
         extra = _load_extra(args.extra)
         refs = load_refs(args.refs)
         preds = load_predictions(args.predictions)
@@ -103,18 +175,22 @@ def main(argv: list[str] | None = None) -> int:
         if empty:
             print(f"warning: {args.predictions}: {empty} empty prediction line(s), scored as empty outputs",
                   file=sys.stderr)
-        result = {**score(refs, preds), **extra}
-    except (DataError, JavaError) as e:
+        result = {**score(refs, preds, mode=args.mode), "mode": args.mode, **extra}
+        text = json.dumps(result, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        if args.output:
+            try:
+                _write_atomically(args.output, text)
+            except OSError as e:
+                raise DataError(f"{args.output}: cannot write ({e.strerror or e})") from None
+        else:
+            sys.stdout.write(text)
+    except (DataError, JavaError, ScoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text = json.dumps(result, indent=2) + "\n"
-    if args.output:
-        with atomic_file(args.output) as f:
-            f.write(text)
-    else:
-        sys.stdout.write(text)
     return 0
 
 
 if __name__ == "__main__":
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     sys.exit(main())

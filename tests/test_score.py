@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from stages import metrics, mteval, score as score_cli
+import stages.scoring as scoring
+from stages import score as score_cli
 from stages.e2e import DataError
-from stages.metrics import JavaError, coco_tokenize
+from stages.scoring import meteor as meteor_mod, mteval, paraphrase
+from stages.scoring.meteor import JavaError
+from stages.scoring.ptb import coco_tokenize
 from stages.score import load_predictions, load_refs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +24,7 @@ FIX = ROOT / "tests" / "fixtures" / "scoring"
 SHARED = ROOT.parent / "shared" / "e2e"
 EXPECTED = json.loads((FIX / "expected.json").read_text(encoding="utf-8"))
 CASES = {k: v for k, v in EXPECTED.items() if not k.startswith("_")}
-PTB_JAR = metrics._COCO_DIR / "tokenizer" / "stanford-corenlp-3.4.1.jar"
+PTB_JAR = paraphrase.METEOR_JAR.parents[1] / "tokenizer" / "stanford-corenlp-3.4.1.jar"
 # pycocoevalcap's punctuation filter, applied to the Java tokenizer's output in the oracle.
 COCO_PUNCT = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="Java runtime not installed")
@@ -59,7 +62,7 @@ def assert_same_tokens(texts: list[str], tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def official_cases() -> dict[str, dict[str, float]]:
     def run(case: dict) -> dict[str, float]:
-        return metrics.score(load_refs(FIX / case["references"]), load_predictions(FIX / case["predictions"]))
+        return scoring.score(load_refs(FIX / case["references"]), load_predictions(FIX / case["predictions"]))
     if shutil.which("java") is None:
         pytest.skip("Java runtime not installed")
     with ThreadPoolExecutor(len(CASES)) as pool:  # one JVM each, started together: METEOR's load dominates
@@ -99,7 +102,7 @@ def test_mteval_tokenization_follows_the_perl_regexes():
     assert mteval.tokenize("  ") == []
 
 
-def test_bleu_brevity_uses_the_closest_reference_and_nist_averages_over_padded_documents():
+def test_bleu_brevity_uses_the_closest_reference_and_nist_averages_over_non_empty_references():
     import math
     refs = [["a b c d e f", "a b c"], ["x y z w"]]  # the second instance gets an empty padding reference
     bleu, nist = mteval.bleu_nist(refs, ["a b c", "x y"])
@@ -107,10 +110,11 @@ def test_bleu_brevity_uses_the_closest_reference_and_nist_averages_over_padded_d
     # are 5/5, 3/3, 1/1 and there are no hypothesis 4-grams (counted as precision 1): BLEU = BP = exp(1 - 7/5).
     assert bleu == pytest.approx(math.exp(1 - 7 / 5))
     # NIST: 13 reference words; info(a|b|c) = log2(13/2), info(x|y) = log2(13); every bigram/trigram info is 0
-    # (count equals its prefix's). Length penalty on 5 words vs 13 / 2 documents: the pad halves the average.
+    # (count equals its prefix's). Length penalty on 5 words vs 13 words / (3 non-empty refs / 2 segments): the
+    # pad is not a reference (mteval-v13a-sig.pl counts `$ref_seg ne ''`), so the average is 13 / 1.5, not 13 / 2.
     info = (3 * math.log2(13 / 2) + 2 * math.log2(13)) / 5
     beta = math.log(2) / math.log(1.5) ** 2
-    assert nist == pytest.approx(info * math.exp(-beta * math.log(5 / (13 / 2)) ** 2))
+    assert nist == pytest.approx(info * math.exp(-beta * math.log(5 / (13 / 1.5)) ** 2))
 
 
 def test_empty_references_pad_like_measure_scores():
@@ -155,7 +159,7 @@ def test_count_mismatch_names_both_counts(tmp_path):
     assert r.returncode == 2 and r.stdout == ""
     assert "1 predictions" in r.stderr and "10 instances" in r.stderr and "Traceback" not in r.stderr
     with pytest.raises(DataError, match="1 predictions but 10"):
-        metrics.score(load_refs(FIX / "devel-conc.txt"), ["x"])
+        scoring.score(load_refs(FIX / "devel-conc.txt"), ["x"])
 
 
 def test_bad_files_are_named(tmp_path):
@@ -172,13 +176,13 @@ def test_bad_files_are_named(tmp_path):
 
 
 def test_missing_java_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    monkeypatch.setattr(meteor_mod.shutil, "which", lambda name: None)
     with pytest.raises(JavaError, match="apt-get install default-jre-headless"):
-        metrics.score([["a"]], ["a"])
+        scoring.score([["a"]], ["a"])
 
 
 def test_cli_warns_on_empty_predictions_merges_extra_and_writes_atomically(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(score_cli, "score", lambda refs, preds: dict.fromkeys(score_cli.METRICS, 0.5))
+    monkeypatch.setattr(score_cli, "score", lambda refs, preds, mode: dict.fromkeys(score_cli.METRICS, 0.5))
     pred = tmp_path / "pred.txt"
     pred.write_text("x\n\ny\n\n".replace("\n\n\n", "\n\n"), encoding="utf-8")
     refs = tmp_path / "refs.txt"
@@ -191,18 +195,18 @@ def test_cli_warns_on_empty_predictions_merges_extra_and_writes_atomically(tmp_p
     captured = capsys.readouterr()
     assert captured.out == "" and "2 empty prediction line(s)" in captured.err
     assert json.loads(out.read_text()) == {**dict.fromkeys(score_cli.METRICS, 0.5), "trainable_params": 350000,
-                                           "train_seconds": 12.5}
+                                           "train_seconds": 12.5, "mode": "perl"}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     extra.write_text('{"bleu": 1}', encoding="utf-8")
     assert score_cli.main(["--refs", str(refs), "--predictions", str(pred), "--extra", str(extra)]) == 2
     assert "collide" in capsys.readouterr().err
 
 
-# --- METEOR with a filtered paraphrase table (stages/meteor_table.py) ------------------------------------------------
+# --- METEOR with a filtered paraphrase table (stages/scoring/paraphrase.py) -----------------------------------------
 
-from stages import meteor_table  # noqa: E402
+meteor_table = paraphrase  # the module's former name
 
-METEOR_NORMALIZER = ["java", "-Dfile.encoding=UTF-8", "-Dsun.stdout.encoding=UTF-8", "-cp", str(metrics._METEOR_JAR),
+METEOR_NORMALIZER = ["java", "-Dfile.encoding=UTF-8", "-Dsun.stdout.encoding=UTF-8", "-cp", str(paraphrase.METEOR_JAR),
                      "edu.cmu.meteor.util.Normalizer", "en", "true"]
 
 
@@ -248,7 +252,7 @@ def test_meteor_with_filtered_paraphrases_equals_pycocoevalcap_with_the_full_tab
     monkeypatch.setattr(meteor_table, "filtered", spy)
     with ThreadPoolExecutor(2) as pool:
         oracle = pool.submit(pycocoevalcap_meteor, inputs)
-        ours = {name: metrics.meteor(refs, hyps) for name, (refs, hyps) in inputs.items()}
+        ours = {name: meteor_mod.meteor(refs, hyps) for name, (refs, hyps) in inputs.items()}
         expected = oracle.result()
     assert len(kept) == len(inputs) and all(0 < k < 5_274_084 for k in kept), kept  # really filtered
     for name in inputs:
@@ -262,7 +266,7 @@ def test_meteor_with_filtered_paraphrases_equals_pycocoevalcap_with_the_full_tab
     # ...and the comparison sees a table that lacks them.
     refs, hyps = inputs["example-inputs"]
     monkeypatch.setattr(meteor_table, "filtered", lambda table, vocab, root=None: real_filter(table, set(), root))
-    assert metrics.meteor(refs, hyps).segment_stats != expected["example-inputs"][2]
+    assert meteor_mod.meteor(refs, hyps).segment_stats != expected["example-inputs"][2]
 
 
 @needs_java
@@ -353,10 +357,10 @@ def test_filtering_failure_falls_back_to_the_full_table(monkeypatch, capsys):
             raise JavaError("stop here")
         return FakeJvm()
     monkeypatch.setattr(meteor_table, "filtered", boom)
-    monkeypatch.setattr(metrics, "_start_meteor", start)
+    monkeypatch.setattr(meteor_mod, "_start_meteor", start)
     if shutil.which("java") is None:
-        monkeypatch.setattr(metrics.shutil, "which", lambda name: "/usr/bin/java")
-    run = metrics.Meteor()
+        monkeypatch.setattr(meteor_mod.shutil, "which", lambda name: "/usr/bin/java")
+    run = meteor_mod.Meteor()
     with pytest.raises(JavaError, match="stop here"):
         run.run([["a b"]], ["a b"])
     assert started[-1] is None and len(started) in (1, 2)  # 2 where named pipes exist: the first JVM is dropped

@@ -1,6 +1,6 @@
 """METEOR 1.5's paraphrase table cut down to the entries that can match a given input, so that its JVM starts in about
 a second instead of spending ~10 s loading all 5.3 M entries of `paraphrase-en.gz`; scores are unchanged.
-Used by stages.metrics.Meteor; `python -m stages.meteor_table` builds the index ahead of the first use.
+Used by stages.scoring.meteor.Meteor; `python -m stages.scoring` builds the index ahead of the first use.
 
 Why that is exact (METEOR 1.5 source, `edu.cmu.meteor.aligner`): `ParaphraseTransducer` reads the table as three
 lines per entry (a probability it reads and discards, a phrase, its paraphrase), splits each phrase with
@@ -32,12 +32,17 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pycocoevalcap
 
 try:
     import fcntl
 except ImportError:  # not on Windows: concurrent builds are then merely wasted work, still atomic
     fcntl = None
 
+# METEOR 1.5 as pycocoevalcap ships it, and its default English paraphrase table (Constants: data/paraphrase-en.gz next
+# to the jar).
+METEOR_JAR = Path(pycocoevalcap.__path__[0]) / "meteor" / "meteor-1.5.jar"
+PARAPHRASE_TABLE = METEOR_JAR.parent / "data" / "paraphrase-en.gz"
 INDEX_VERSION = 1
 MAX_SUBSTRING = 48  # longest substring of a non-alphanumeric token that vocabulary() lists
 _TOKEN_SPLIT = re.compile(r"[ \t\n\r\f]+")  # java.util.StringTokenizer's default delimiters
@@ -231,7 +236,3 @@ def vocabulary(segments: list[str]) -> set[str]:
                 vocab.update(base[i:j] for i in range(n) for j in range(i + 1, min(n, i + MAX_SUBSTRING) + 1))
     return vocab
 
-
-if __name__ == "__main__":  # python -m stages.meteor_table: build the index now (e.g. in setup), not on first use
-    from stages.metrics import PARAPHRASE_TABLE
-    print(ensure_index(PARAPHRASE_TABLE))

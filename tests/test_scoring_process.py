@@ -1,0 +1,241 @@
+"""The scorer as a process: its METEOR JVM never outlives it, temp dirs go on every exit Python sees, the output is
+checked before scoring and written whole, with the user's umask and sorted keys; bad input and non-finite metrics are
+one-line errors with exit status 2."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import stages.scoring as scoring
+from stages import score as score_cli
+from stages.e2e import DataError
+from stages.score import load_refs
+from stages.scoring.meteor import MeteorResult
+
+ROOT = Path(__file__).resolve().parents[1]
+FIX = ROOT / "tests" / "fixtures" / "scoring"
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="Java runtime not installed")
+linux_only = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process, None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return fields[0], int(fields[1])
+
+
+def _java_children(pid: int) -> list[int]:
+    found = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            st = _stat(int(p.name))
+            if st and st[1] == pid and cmd and cmd[0].endswith(b"java"):
+                found.append(int(p.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    st = _stat(pid)
+    return st is not None and st[0] != "Z"  # a killed JVM may linger as a zombie until its new parent reaps it
+
+
+def _start_scorer(tmp_path: Path) -> tuple[subprocess.Popen, int]:
+    """The scorer on the 547-MR dev case, with its temp dir in tmp_path; returns it once its JVM is running."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "stages.score", "--refs", str(FIX / "dev-refs.csv"),
+                             "--predictions", str(FIX / "dev-first-ref-output.txt")], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        jvms = _java_children(proc.pid)
+        if jvms:
+            return proc, jvms[0]
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no JVM seen (scorer exit {proc.poll()})")
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return not _alive(pid)
+
+
+# --- the JVM never outlives the scorer ------------------------------------------------------------------------------
+
+@needs_java
+@linux_only
+def test_sigkill_of_the_scorer_takes_its_jvm_with_it(tmp_path):
+    proc, jvm = _start_scorer(tmp_path)
+    time.sleep(0.5)  # mid-run: the JVM is booting or reading its paraphrase pipe
+    proc.kill()
+    proc.wait()
+    try:
+        assert _gone_within(jvm, 5), f"JVM {jvm} outlived the SIGKILLed scorer"
+    finally:
+        if _alive(jvm):
+            os.kill(jvm, signal.SIGKILL)
+
+
+@needs_java
+@linux_only
+def test_sigterm_kills_the_jvm_and_removes_the_temp_dir(tmp_path):
+    proc, jvm = _start_scorer(tmp_path)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("meteor-")]
+    time.sleep(0.5)
+    proc.terminate()
+    try:
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        assert _gone_within(jvm, 5)
+    finally:
+        if _alive(jvm):
+            os.kill(jvm, signal.SIGKILL)
+    assert "Traceback" not in proc.stderr.read().decode()
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- output: checked before scoring, written whole, umask, sorted keys ---------------------------------------------
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    """score_cli.main on a 3-instance case with a stand-in for score() that records that it ran."""
+    calls = []
+
+    def fake_score(refs, preds, mode):
+        calls.append(mode)
+        return {"nist": 3.0, "bleu": 0.5, "meteor": 0.25, "cider": 1.0, "rouge_l": 0.75}
+    monkeypatch.setattr(score_cli, "score", fake_score)
+    refs = tmp_path / "refs.txt"
+    refs.write_text("a b\n\nc d\n\ne f\n", encoding="utf-8")
+    pred = tmp_path / "pred.txt"
+    pred.write_text("a b\nc\ne f\n", encoding="utf-8")
+
+    def run(*args: str) -> int:
+        return score_cli.main(["--refs", str(refs), "--predictions", str(pred), *args])
+    run.calls = calls
+    return run
+
+
+@pytest.mark.parametrize("where, message", [("missing/out.json", "does not exist"), ("", "is a directory")])
+def test_unwritable_output_fails_before_scoring(cli, tmp_path, capsys, where, message):
+    assert cli("--output", str(tmp_path / where)) == 2
+    err = capsys.readouterr().err
+    assert cli.calls == [] and message in err and err.count("\n") == 1 and err.startswith("error: ")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write anywhere")
+def test_read_only_folder_fails_before_scoring(cli, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    assert cli("--output", str(ro / "out.json")) == 2
+    assert cli.calls == [] and "not writable" in capsys.readouterr().err
+
+
+def test_a_failed_write_is_one_line_and_leaves_nothing(cli, tmp_path, capsys, monkeypatch):
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(score_cli.os, "replace", full_disk)
+    out = tmp_path / "out" / "scores.json"
+    out.parent.mkdir()
+    assert cli("--output", str(out)) == 2
+    err = capsys.readouterr().err
+    assert "No space left" in err and str(out) in err and err.count("\n") == 1
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_output_gets_the_users_umask_sorted_keys_and_same_bytes(cli, tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        outs = [tmp_path / "a.json", tmp_path / "b.json"]
+        for out in outs:
+            assert cli("--output", str(out), "--mode", "python") == 0
+    finally:
+        os.umask(old)
+    assert {o.stat().st_mode & 0o777 for o in outs} == {mode}
+    text = outs[0].read_text()
+    assert text == outs[1].read_text() and text.endswith("\n")
+    keys = list(json.loads(text))
+    assert keys == sorted(keys) and json.loads(text)["mode"] == "python" and cli.calls == ["python", "python"]
+
+
+# --- bad input and bad numbers -----------------------------------------------------------------------------------
+
+def test_an_mr_without_references_is_an_error_naming_it(tmp_path):
+    refs = tmp_path / "refs.csv"
+    refs.write_text('mr,ref\n"name[A]",x\n"name[B]",\n"name[B]",  \n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"refs.csv: MR 'name\[B\]' has no references"):
+        load_refs(refs)
+    pred = tmp_path / "pred.txt"
+    pred.write_text("x\ny\n", encoding="utf-8")
+    run = subprocess.run([sys.executable, "-m", "stages.score", "--refs", str(refs), "--predictions", str(pred)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and run.stdout == "" and "name[B]" in run.stderr and run.stderr.count("\n") == 1
+
+
+def test_extra_json_with_non_finite_numbers_is_refused(cli, tmp_path, capsys):
+    extra = tmp_path / "extra.json"
+    extra.write_text('{"train_loss": NaN}', encoding="utf-8")
+    assert cli("--extra", str(extra)) == 2
+    assert "extra.json: non-finite number NaN" in capsys.readouterr().err and cli.calls == []
+
+
+@pytest.mark.parametrize("bad", ["meteor", "nist"])
+def test_non_finite_metrics_are_refused(monkeypatch, bad):
+    class FakeMeteor:  # no JVM: a METEOR that reports `value`
+        def run(self, *a):
+            return MeteorResult(float("nan") if bad == "meteor" else 0.5, [], [])
+
+        def close(self):
+            pass
+    monkeypatch.setattr(scoring, "Meteor", FakeMeteor)
+    monkeypatch.setitem(scoring.MODES, "perl", lambda r, p: (0.5, float("inf") if bad == "nist" else 1.0))
+    with pytest.raises(scoring.ScoreError, match=f"non-finite.*{bad}"):
+        scoring.score([["a b c"]], ["a b c"])
+
+
+# --- the pipeline takes the mode from params.yaml and reruns on any scoring change --------------------------------
+
+def test_score_stage_takes_the_mode_from_params_and_depends_on_the_scoring_package():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert params["score"]["mode"] in (*scoring.MODES, "auto")
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for stage in (stages["score"], stages["score-base"]):
+        assert {"score.mode", "protocol"} <= set(stage["params"])
+        assert "--mode ${score.mode} --protocol ${protocol}" in stage["cmd"]
+        assert {"stages/scoring", "stages/score.py", "stages/e2e.py"} <= set(stage["deps"])
+
+
+@pytest.mark.parametrize("protocol, mode", [("authors", "python"), ("e2e", "perl")])
+def test_auto_mode_scores_as_the_protocol_does(tmp_path, protocol, mode, capsys):
+    """protocol authors -> the official scorer's -p mode (the LoRA authors' Table 3); e2e -> its Perl mode."""
+    refs, pred = tmp_path / "refs.txt", tmp_path / "pred.txt"
+    refs.write_text("the eagle is a cheap pub\nthe eagle pub is cheap\n\nzizzi serves french food\n")
+    pred.write_text("the eagle is a cheap pub near the river\nzizzi serves food\n")
+    assert score_cli.main(["--mode", "auto", "--protocol", protocol, "--refs", str(refs), "--predictions",
+                             str(pred), "--output", str(tmp_path / "out.json")]) == 0
+    out = json.loads((tmp_path / "out.json").read_text())
+    direct = scoring.score([["the eagle is a cheap pub", "the eagle pub is cheap"], ["zizzi serves french food"]],
+                           ["the eagle is a cheap pub near the river", "zizzi serves food"], mode=mode)
+    assert out["mode"] == mode and out["nist"] == direct["nist"] and out["bleu"] == direct["bleu"]
