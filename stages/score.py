@@ -16,10 +16,11 @@ import json
 import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 from stages.e2e import DataError, group_by_mr, read_e2e_csv, read_text
+from stages.cli import InputError
+from stages.outputs import atomic_file, check_writable
 from stages.scoring import METRICS, MODES, JavaError, ScoreError, score
 
 __all__ = ["score", "load_refs", "load_predictions", "main"]
@@ -100,45 +101,20 @@ def _load_extra(paths: list[str]) -> dict:
     return extra
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where /proc allows (other threads may create files meanwhile)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _check_writable(path: Path) -> None:
-    """Fail before scoring if `path` cannot be written: its folder must exist and be writable."""
-    parent = path.parent
+    """Fail before scoring if `path` cannot be written (a missing folder is created, as for every stage)."""
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a file path for --output")
-    if not parent.is_dir():
-        raise DataError(f"{path}: cannot write: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise DataError(f"{path}: cannot write: folder {parent} is not writable")
+    try:
+        check_writable(path)
+    except InputError as e:
+        raise DataError(str(e)) from None
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """Write a sibling temporary file, then rename it over `path`: readers see the old file or the whole new one.
-    The file gets the mode a plain open() would give (0666 less the umask), not mkstemp's 0600."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """The whole file or none (a sibling temporary renamed over `path`), with the user's umask."""
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def _exit_on_signal(signum, frame):

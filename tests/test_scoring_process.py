@@ -137,8 +137,9 @@ def cli(tmp_path, monkeypatch):
     return run
 
 
-@pytest.mark.parametrize("where, message", [("missing/out.json", "does not exist"), ("", "is a directory")])
+@pytest.mark.parametrize("where, message", [("/proc/lora-e2e/out.json", "cannot write"), ("", "is a directory")])
 def test_unwritable_output_fails_before_scoring(cli, tmp_path, capsys, where, message):
+    """/proc takes no new files, root or not."""
     assert cli("--output", str(tmp_path / where)) == 2
     err = capsys.readouterr().err
     assert cli.calls == [] and message in err and err.count("\n") == 1 and err.startswith("error: ")
