@@ -51,6 +51,7 @@ def test_demo_runs_every_stage_and_reports(demo):
         metrics = json.loads((ws / "metrics" / "scores" / f"{run_name}.json").read_text())
         assert METRICS <= metrics.keys()
     lora = json.loads((ws / "metrics" / "scores" / "lora-s110.json").read_text())
+    assert lora["mode"] == "python"  # the authors' protocol scores as they did: measure_scores.py -p
     assert lora["trainable_params"] == 1 * 2 * 2 * 4 * 32  # 1 layer x (q, v) x (A + B) x rank 4 x width 32
     report = (ws / "metrics" / "report.md").read_text()
     assert "Miniature run, not the paper's setting" in report and "paper: GPT-2 M (LoRA)" in report
@@ -97,6 +98,17 @@ def test_two_processes_rerun_only_training_and_what_follows(demo):
                                "generate@lora-110", "generate@full-110", "generate@lora-111", "generate@full-111",
                                "score@lora-110", "score@full-110", "score@lora-111", "score@full-111", "report"}
     assert out.count("trainable parameters") == 4  # each training stage reports once (rank 0), not per rank
+
+
+def test_the_official_e2e_protocol_runs_end_to_end_on_its_csvs(demo):
+    """protocol=e2e: the sample's CSVs and the official scorer's Perl mode; every stage reads the switch, directly
+    (download, preprocess, score) or through its inputs."""
+    ws, _ = demo
+    out = run(["dvc", "exp", "run", "-S", "protocol=e2e"], cwd=ws)
+    assert {"download", "preprocess", "score-base", "report"} <= stages_run(out)
+    assert sorted(p.name for p in (ws / "data" / "raw").iterdir()) == ["dev.csv", "test.csv", "train.csv"]
+    scores = json.loads((ws / "metrics" / "scores" / "base.json").read_text())
+    assert scores["mode"] == "perl" and "official E2E protocol" in (ws / "metrics" / "report.md").read_text()
 
 
 def test_bad_param_fails_the_stage_with_its_name_and_keeps_outputs_whole(demo):

@@ -63,6 +63,10 @@ def test_train_saves_weights_info_and_loss_history(params_file, prepared, base_d
     assert info["steps"] > 0 and info["device"] == "cpu"
     costs = json.loads((tmp_path / f"costs-{method}.json").read_text())
     assert costs["train_time_s"] >= 0 and costs["peak_memory_mb"] > 0 and costs["train_tokens_per_s"] > 0
+    weights = sum(p.numel() * 4 for p in GPT2LMHeadModel.from_pretrained(base_dir).parameters()) / 2**20
+    # Weights, gradients and AdamW's two moments: full fine-tuning holds ~4x the weights, LoRA barely more than 1x.
+    expected = 4 * weights if method == "full" else weights
+    assert expected <= costs["training_state_mb"] <= expected * 1.02
     history = json.loads((out / "log_history.json").read_text())
     assert any("loss" in h for h in history)
     assert not [k for h in history for k in h if k.endswith(("_runtime", "_per_second"))]  # timings: in costs
