@@ -1,6 +1,6 @@
 """compare: the paper's sweep tables from DVC experiments, e.g. metrics by LoRA rank (Table 6) or targets (Table 5).
 
-    python -m stages.compare [--by lora.rank] [--metrics metrics/lora.json] [--plot rank.png] [--json FILE]
+    python -m stages.compare [--by lora.rank] [--metrics 'metrics/scores/lora-s*.json'] [--plot rank.png] [--json FILE]
 
 Reads `dvc exp show --json` (or FILE, saved from it) with pandas and prints a Markdown table: one row per value of
 the --by parameter, the five E2E metrics in the paper's units (BLEU, METEOR, ROUGE-L in %, NIST and CIDEr raw),
@@ -234,7 +234,7 @@ def _is_number(s: str) -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--by", default="lora.rank", help="parameter whose values are the rows (lora.rank, lora.targets)")
-    ap.add_argument("--metrics", default="metrics/lora.json",
+    ap.add_argument("--metrics", default="metrics/scores/lora-s*.json",
                     help="metrics file(s) of the method compared, a glob (each match in a run is one sample)")
     ap.add_argument("--units", choices=("fraction", "paper"), default="fraction",
                     help="BLEU, METEOR, ROUGE-L in the metrics files: fractions (the scorer's) or percentages")

@@ -51,7 +51,8 @@ def run(capsys, show, *args) -> tuple[list[dict], str]:
     """compare's main on `show`; returns the table as dicts (header -> cell) and the whole stdout."""
     path = Path(os.environ["PYTEST_TMP"]) / "show.json"
     path.write_text(json.dumps(show))
-    compare.main(["--json", str(path), *args])
+    metrics = [] if "--metrics" in args else ["--metrics", "metrics/lora.json"]  # the fixture's layout
+    compare.main(["--json", str(path), *metrics, *args])
     text = capsys.readouterr().out
     lines = [line for line in text.splitlines() if line.startswith("|")]
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
@@ -218,7 +219,8 @@ def test_cli_runs_dvc_exp_show_and_reports_its_failure_in_one_line(tmp_path):
                     f"cat {FIXTURES / 'exp_show.json'}\n")
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
-    ok = subprocess.run([sys.executable, "-m", "stages.compare"], capture_output=True, text=True, env=env)
+    ok = subprocess.run([sys.executable, "-m", "stages.compare", "--metrics", "metrics/lora.json"],
+                        capture_output=True, text=True, env=env)
     assert ok.returncode == 0 and ok.stdout.startswith("| lora.rank |"), ok.stderr
     bad = subprocess.run([sys.executable, "-m", "stages.compare"], capture_output=True, text=True,
                          env={**env, "FAIL": "1"})
