@@ -1,6 +1,6 @@
 # make demo   the offline demo: the whole DVC pipeline on a small sample and a small GPT-2 (< 10 min, 2 CPU cores)
 # make test   the test suite
-# make bench  benchmarks (LoRA step vs PEFT and full fine-tuning; scorer speed; allocator setting)
+# make bench  benchmarks (LoRA step vs PEFT and full fine-tuning; scorer speed; allocator setting; GPU protocol)
 # Each creates .venv/ first when it is missing or older than the pinned requirements.
 
 VENV := .venv
@@ -30,6 +30,7 @@ bench: venv
 	$(BIN)/python benchmarks/bench_lora.py
 	$(BIN)/python benchmarks/bench_score.py
 	$(BIN)/python benchmarks/bench_allocator.py
+	$(BIN)/python benchmarks/bench_gpu.py --out benchmarks/bench_gpu.json
 
 clean:
 	rm -rf demo .pytest_cache

@@ -5,7 +5,7 @@
 Model: GPT-2 Medium's shape (24 layers, d = 1024, 16 heads, vocab 50,257; built in code, random weights, no hub).
 Data: the token lengths of the real E2E rows shipped in data/sample/*.csv (1,932 rows), tokenised with
 data/gpt2/tokenizer.json in the paper format "MR<|endoftext|> ref<|endoftext|>" (stages.preprocess), batched by
-stages.train.collate, so padding is what the train stage pays.
+stages.gpt2.collate, so padding is what the train stage pays.
 
 Training step (the train stage's Trainer step, written out so each option can be timed alone): batch 8 from a
 DataLoader (random sampler, or transformers' LengthGroupedSampler for group_by_length), forward under
