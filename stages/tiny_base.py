@@ -22,7 +22,7 @@ import time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
-from stages import runtime
+from stages import cli, runtime
 from stages.e2e import DataError, read_e2e_csv
 from stages.outputs import atomic_dir
 from stages.gpt2 import EOS, collate, load_tokenizer
@@ -33,7 +33,7 @@ def lm_examples(refs: list[str], tok) -> list[dict]:
     return [{"input_ids": [EOS] + tok.encode(" " + r) + [EOS], "n_context": 1} for r in refs]
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", required=True, help="E2E CSV whose references are the pretraining text")
     ap.add_argument("--tokenizer", required=True, help="GPT-2 tokenizer.json (copied into the model)")
@@ -76,9 +76,7 @@ def main(argv=None) -> None:
     print(f"tiny_base: {n:,}-parameter GPT-2 ({args.layers} layers, width {args.width}) pretrained on "
           f"{len(refs)} references in {time.perf_counter() - start:.0f} s -> {args.out}", file=sys.stderr)
 
+    return 0
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:
-        sys.exit(f"tiny_base: error: {e}")
+    sys.exit(cli.run("tiny_base", main))
