@@ -78,5 +78,6 @@ def main(argv=None) -> int:
 
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(cli.run("tiny_base", main))
