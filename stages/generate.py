@@ -23,7 +23,7 @@ from pathlib import Path
 import datasets
 import torch
 from transformers import GPT2LMHeadModel, LogitsProcessor, LogitsProcessorList
-from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor, SuppressTokensLogitsProcessor
 
 from stages import authors_data, beam, cli, fidelity, gpt2, lora, speed
 from stages import params as P
@@ -33,13 +33,16 @@ from stages.gpt2 import EOS
 from stages.outputs import atomic_file, check_writable, write_json
 
 KNOWN = ("search", "eos_ids", "num_beams", "length_penalty", "no_repeat_ngram_size", "max_new_tokens", "batch_size",
-         "early_stopping")
+         "early_stopping", "ban_newlines")
 SEARCHES = ("authors", "transformers")
 
 
-def read_config(params: dict) -> dict:
+def read_config(params: dict, method: str = "base") -> dict:
+    """The decoding settings; a method's own `<method>.generate` keys (full.generate) replace the shared ones."""
     P.warn_unknown(params, "generate", KNOWN)
-    return {
+    if method in ("lora", "full"):
+        params = P.with_overrides(params, method, "generate", KNOWN)
+    cfg = {
         "speed": speed.resolve(speed.read_config(params), speed.device_type()),
         "num_beams": P.number(params, "generate.num_beams", kind=int, min=1),
         "length_penalty": P.number(params, "generate.length_penalty"),
@@ -49,7 +52,17 @@ def read_config(params: dict) -> dict:
         "early_stopping": P.choice(params, "generate.early_stopping", (True, False, "never")),
         "search": P.choice(params, "generate.search", SEARCHES),
         "eos_ids": eos_ids(params),
+        "ban_newlines": P.choice(params, "generate.ban_newlines", (True, False)),
     }
+    if cfg["ban_newlines"] and cfg["search"] != "transformers":
+        raise P.ParamError("generate.ban_newlines needs generate.search: transformers (Li & Liang's decoding); "
+                           "gpt2_beam.py bans no tokens")
+    return cfg
+
+
+def newline_ids(tok) -> list[int]:
+    """Every token whose text contains a newline ("\\n", "\\n\\n", ".\\n", ...): Li & Liang decode with them banned."""
+    return [i for i in range(len(tok)) if "\n" in tok.decode([i])]
 
 
 def eos_ids(params: dict) -> list[int]:
@@ -144,6 +157,8 @@ def transformers_search(model, contexts: list[list[int]], cfg: dict, decode, sta
             mask[i, width - len(c):] = 1
         ids, mask = ids.to(model.device), mask.to(model.device)
         ban = [NoRepeatNGramInOutput(cfg["no_repeat_ngram_size"], width)] if cfg["no_repeat_ngram_size"] else []
+        if cfg.get("banned_ids"):  # generate.ban_newlines: every token whose text holds a newline
+            ban.append(SuppressTokensLogitsProcessor(cfg["banned_ids"], device=model.device))
         out = model.generate(
             input_ids=ids, attention_mask=mask, do_sample=False, num_beams=cfg["num_beams"],
             length_penalty=cfg["length_penalty"], logits_processor=LogitsProcessorList(ban),
@@ -167,7 +182,7 @@ def main(argv=None) -> int:
     runtime.keep_freed_memory()
     datasets.disable_progress_bars()
 
-    cfg = read_config(P.load())
+    cfg = read_config(P.load(), args.method)
     base, model_dir, out = Path(args.base), Path(args.model), Path(args.out)
     for path in (out, args.costs):
         check_writable(path)
@@ -177,6 +192,8 @@ def main(argv=None) -> int:
         raise InputError(f"{Path(args.data) / 'test'}: not a preprocess output ({e})") from None
     contexts = test["context_ids"]
     tok = gpt2.load_tokenizer(base / "tokenizer.json")
+    if cfg["ban_newlines"]:
+        cfg["banned_ids"] = newline_ids(tok)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(args.method, base, model_dir).to(device)
     longest = max(len(c) for c in contexts)

@@ -82,3 +82,19 @@ def choice(params: dict, key: str, allowed):
     if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):  # 1 is not True
         raise ParamError(f"{key} must be one of {list(allowed)}, got {value!r}")
     return value
+
+
+def with_overrides(params: dict, method: str, shared: str, allowed: Iterable[str]) -> dict:
+    """params with `<method>.<shared>` (e.g. full.train) laid over the shared section `<shared>` (train): how one
+    method runs under another recipe (Li & Liang's for the FT row) without touching the other's settings."""
+    node = params.get(method) or {}
+    overrides = node.get(shared) if isinstance(node, dict) else None
+    if overrides is None:
+        return params
+    if not isinstance(overrides, dict):
+        raise ParamError(f"{method}.{shared} must be a mapping of {shared} keys, got {overrides!r}")
+    unknown = sorted(k for k in overrides if k not in set(allowed))
+    if unknown:
+        raise ParamError(f"{method}.{shared}.{unknown[0]}: not a {shared} key that {method} may override "
+                         f"(allowed: {', '.join(sorted(allowed))})")
+    return {**params, shared: {**(params.get(shared) or {}), **overrides}}

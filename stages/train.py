@@ -31,9 +31,12 @@ from stages.outputs import atomic_dir, check_writable, write_json
 KNOWN = {
     "train": ("seeds", "epochs", "batch_size", "label_smoothing", "warmup_steps", "max_grad_norm", "adam_epsilon",
               "gpt2_dropout", "processes", "checkpoint_steps"),
-    "lora": ("rank", "alpha", "dropout", "targets", "lr", "weight_decay"),
-    "full": ("lr", "weight_decay"),
+    "lora": ("rank", "alpha", "dropout", "targets", "lr", "weight_decay", "train", "generate"),
+    "full": ("lr", "weight_decay", "train", "generate"),
 }
+# Shared loop keys a method may set for itself (`full.train`): Li & Liang's FT recipe differs in these.
+OVERRIDABLE = ("epochs", "batch_size", "label_smoothing", "warmup_steps", "max_grad_norm", "adam_epsilon",
+               "gpt2_dropout")
 # Trainer log fields that are wall-clock measurements: kept out of the DVC-tracked log history.
 TIMING_SUFFIXES = ("_runtime", "_per_second")
 
@@ -43,6 +46,7 @@ def read_config(params: dict, method: str, seed: int = 0) -> dict:
     from the command line: dvc.yaml runs one train stage per seed of train.seeds."""
     for section in ("train", method):
         P.warn_unknown(params, section, KNOWN[section])
+    params = P.with_overrides(params, method, "train", OVERRIDABLE)
     if seed < 0:
         raise P.ParamError(f"train.seeds: a seed must be >= 0, got {seed}")
     cfg = {

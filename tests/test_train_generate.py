@@ -230,3 +230,55 @@ def test_authors_outputs_are_cut_like_gpt2_decode(params_file, monkeypatch):
 def test_bad_eos_ids_name_the_param(params_file, value):
     with pytest.raises(ParamError, match="generate.eos_ids"):
         generate.read_config(params_file(generate__eos_ids=value))
+
+
+# ---------------------------------------------------------------- a method's own recipe (Li & Liang's FT row)
+
+
+def test_full_train_overrides_reach_only_full_training(params_file):
+    params = params_file(full__train={"batch_size": 10, "warmup_steps": 0, "label_smoothing": 0.0})
+    full, lora_cfg = train.read_config(params, "full"), train.read_config(params, "lora")
+    assert (full["batch_size"], full["warmup_steps"], full["label_smoothing"]) == (10, 0, 0.0)
+    assert (lora_cfg["batch_size"], lora_cfg["warmup_steps"]) == (params["train"]["batch_size"],
+                                                                  params["train"]["warmup_steps"])
+
+
+def test_full_generate_overrides_reach_only_full_decoding(params_file):
+    params = params_file(full__generate={"search": "transformers", "num_beams": 5, "ban_newlines": True})
+    full = generate.read_config(params, "full")
+    assert (full["search"], full["num_beams"], full["ban_newlines"]) == ("transformers", 5, True)
+    for method in ("base", "lora"):
+        assert generate.read_config(params, method)["num_beams"] == params["generate"]["num_beams"]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("full__train", {"seeds": [1]}, "full.train.seeds: not a train key"),
+    ("full__train", [1], "full.train must be a mapping"),
+    ("full__generate", {"beams": 5}, "full.generate.beams: not a generate key"),
+])
+def test_bad_overrides_name_the_key(params_file, key, value, message):
+    params = params_file(**{key: value})
+    with pytest.raises(ParamError, match=message):
+        train.read_config(params, "full") if "train" in key else generate.read_config(params, "full")
+
+
+def test_newline_ban_needs_the_transformers_search(params_file):
+    with pytest.raises(ParamError, match="generate.ban_newlines needs generate.search: transformers"):
+        generate.read_config(params_file(generate__ban_newlines=True))
+
+
+def test_newline_ids_are_every_token_holding_a_newline():
+    tok = gpt2.load_tokenizer(TOKENIZER)
+    ids = generate.newline_ids(tok)
+    assert {198, 628} <= set(ids) and 464 not in ids  # "\n", "\n\n" in; "The" out
+    assert all("\n" in tok.decode([i]) for i in ids)
+
+
+def test_banned_tokens_never_appear_in_transformers_search(base_dir):
+    model = GPT2LMHeadModel.from_pretrained(base_dir)
+    allowed = {11, 13, 262, 50256}
+    cfg = dict(num_beams=3, length_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=6, batch_size=2,
+               early_stopping=True, search="transformers", eos_ids=[50256],
+               banned_ids=[i for i in range(TINY["vocab_size"]) if i not in allowed])
+    out = generate.generate(model, [[1, 2, 3], [4, 5]], cfg, lambda ids: " ".join(map(str, ids)))
+    assert all(set(map(int, o.split())) <= allowed for o in out)
