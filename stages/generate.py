@@ -126,9 +126,9 @@ def generate(model, contexts: list[list[int]], cfg: dict, decode) -> list[str]:
     if cfg["search"] == "authors":
         # gpt2_beam.py's search (stages/beam.py), then gpt2_decode.py's cut at <|endoftext|> and a blank line.
         ids = []
-        for start in range(0, len(contexts), cfg["batch_size"]):  # batches of the search's own size: progress
+        for first in range(0, len(contexts), cfg["batch_size"]):  # batches of the search's own size: progress
             ids += beam.authors_beam_search(
-                model, contexts[start:start + cfg["batch_size"]], num_beams=cfg["num_beams"],
+                model, contexts[first:first + cfg["batch_size"]], num_beams=cfg["num_beams"],
                 length_penalty=cfg["length_penalty"], no_repeat_ngram_size=cfg["no_repeat_ngram_size"],
                 max_new_tokens=cfg["max_new_tokens"], eos_ids=cfg["eos_ids"], batch_size=cfg["batch_size"])
             progress(len(ids), len(contexts), start)
@@ -147,8 +147,8 @@ def transformers_search(model, contexts: list[list[int]], cfg: dict, decode, sta
     """transformers' beam search, stopping per `early_stopping`. Left-padded batches (GPT-2 continues from the
     right end); position ids follow the attention mask, so a padded context decodes like an unpadded one."""
     outputs = []
-    for start in range(0, len(contexts), cfg["batch_size"]):
-        batch = contexts[start:start + cfg["batch_size"]]
+    for first in range(0, len(contexts), cfg["batch_size"]):
+        batch = contexts[first:first + cfg["batch_size"]]
         width = max(len(c) for c in batch)
         ids = torch.full((len(batch), width), EOS, dtype=torch.long)
         mask = torch.zeros_like(ids)

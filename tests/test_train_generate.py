@@ -282,3 +282,14 @@ def test_banned_tokens_never_appear_in_transformers_search(base_dir):
                banned_ids=[i for i in range(TINY["vocab_size"]) if i not in allowed])
     out = generate.generate(model, [[1, 2, 3], [4, 5]], cfg, lambda ids: " ".join(map(str, ids)))
     assert all(set(map(int, o.split())) <= allowed for o in out)
+
+
+def test_generation_progress_reports_elapsed_time_and_eta(base_dir, capsys):
+    model = GPT2LMHeadModel.from_pretrained(base_dir)
+    cfg = dict(num_beams=2, length_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=3, batch_size=1,
+               early_stopping=True, search="transformers", eos_ids=[50256])
+    generate.generate(model, [[1, 2], [3, 4]], cfg, lambda ids: "x")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("generate: ")]
+    assert [line.split(",")[0] for line in lines] == ["generate: 1/2 outputs", "generate: 2/2 outputs"]
+    seconds = [float(line.split(", ")[1].rstrip(" s")) for line in lines]
+    assert all(0 <= s < 600 for s in seconds)  # seconds since decoding began, not since some other clock
