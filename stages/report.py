@@ -180,9 +180,10 @@ def main(argv=None) -> int:
     config, identity = read_json(base / "config.json"), read_json(base / "identity.json")
     lines = ["# LoRA vs full fine-tuning on E2E (GPT-2, Hu et al. 2021 Table 3)", "", caveat(config, identity), "",
              f"Protocol: {PROTOCOLS[protocol]}.", "",
-             "BLEU, METEOR and ROUGE-L in %, as the paper prints them; mean ± sample standard deviation over "
-             f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}); test set of "
-             f"{int(df['test_mrs'].iloc[0])} MRs.", "", *table(df), "",
+             "BLEU, METEOR and ROUGE-L in %, as the paper prints them; "
+             + (f"mean ± sample standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))})"
+                if len(seeds) > 1 else f"one run per method (seed {seeds[0]}), so no spread")
+             + f"; test set of {int(df['test_mrs'].iloc[0])} MRs.", "", *table(df), "",
              *fidelity_note(df), "![training loss](plots/loss.png)", "", "![metrics](plots/metrics.png)", ""]
     with atomic_dir(args.plots) as plots:
         plot_loss(Path(args.live), seeds, plots / "loss.png")
