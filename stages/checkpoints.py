@@ -6,7 +6,6 @@ checkpoint written under anything else is discarded, saying so: resuming it woul
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -15,21 +14,15 @@ from pathlib import Path
 import torch
 import transformers
 
+from stages.outputs import sha256_file
+
 FINGERPRINT = "fingerprint.json"
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fingerprint(cfg: dict, method: str, data_dirs: list[Path], base_identity: str, code: list[Path]) -> dict:
     """Everything that decides the numbers a run produces, hashed."""
-    files = {str(p): _file_digest(p) for d in data_dirs for p in sorted(Path(d).rglob("*")) if p.is_file()}
-    files |= {Path(p).name: _file_digest(Path(p)) for p in code}
+    files = {str(p): sha256_file(p) for d in data_dirs for p in sorted(Path(d).rglob("*")) if p.is_file()}
+    files |= {Path(p).name: sha256_file(Path(p)) for p in code}
     return {"method": method, "config": cfg, "base": base_identity, "files": files,
             "torch": torch.__version__, "transformers": transformers.__version__}
 

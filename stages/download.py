@@ -9,7 +9,6 @@ Each output directory is built in a temp sibling and renamed into place only onc
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -23,9 +22,10 @@ from pathlib import Path
 
 from stages import authors_data, cli, gpt2
 from stages import params as P
+from stages.authors_data import git_blob_id  # the id git gives a file's content (also for the CSVs)
 from stages.cli import InputError
 from stages.e2e import read_e2e_csv
-from stages.outputs import atomic_dir, check_writable
+from stages.outputs import atomic_dir, check_writable, sha256_file
 
 # The three CSVs are fetched one by one from raw.githubusercontent.com at the release tag rather than the release
 # zip: raw files are the git blobs byte for byte, so their git blob ids (below) pin the content exactly, whereas
@@ -71,19 +71,6 @@ class DownloadError(InputError):
 
 def log(msg: str) -> None:
     print(f"download: {msg}", file=sys.stderr, flush=True)
-
-
-def git_blob_id(data: bytes) -> str:
-    """The id git gives a file's content: stable across clones, archives and GitHub's raw endpoint."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_params(path: Path) -> dict:

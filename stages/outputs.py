@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -75,3 +76,12 @@ def write_json(path: str | Path, obj) -> None:
     with atomic_file(path) as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def sha256_file(path: str | Path) -> str:
+    """A file's sha256, read in 1 MiB chunks (model weights are 1.5 GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
