@@ -293,3 +293,12 @@ def test_generation_progress_reports_elapsed_time_and_eta(base_dir, capsys):
     assert [line.split(",")[0] for line in lines] == ["generate: 1/2 outputs", "generate: 2/2 outputs"]
     seconds = [float(line.split(", ")[1].rstrip(" s")) for line in lines]
     assert all(0 <= s < 600 for s in seconds)  # seconds since decoding began, not since some other clock
+
+
+def test_generating_twice_gives_byte_identical_predictions_and_info(params_file, prepared, base_dir, tmp_path):
+    """DVC hashes data/predictions/: a rerun on the same model must not change a byte (timings go to costs)."""
+    fast_params(params_file)
+    for name in ("a", "b"):
+        generate.main(["--method", "base", "--data", str(prepared), "--base", str(base_dir), "--model",
+                       str(base_dir), "--out", str(tmp_path / name / "base.txt"), "--costs", str(tmp_path / f"{name}.json")])
+    assert digests(tmp_path / "a") == digests(tmp_path / "b") and len(digests(tmp_path / "a")) == 2
