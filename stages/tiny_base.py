@@ -66,6 +66,7 @@ def main(argv=None) -> int:
             per_device_train_batch_size=args.batch_size, lr_scheduler_type="linear", warmup_steps=0.05,
             weight_decay=0.01, logging_steps=50, save_strategy="no", report_to="none",
             remove_unused_columns=False, disable_tqdm=True,
+            dataloader_pin_memory=torch.cuda.is_available(),  # pinning without a GPU only warns
         )
         trainer = Trainer(model=model, args=targs, train_dataset=lm_examples(refs, tok), data_collator=collate)
         trainer.train()
