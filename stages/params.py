@@ -6,6 +6,7 @@ params.yaml) is obvious.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,13 +20,28 @@ class ParamError(InputError):
     """A parameter has a value the pipeline cannot use; the message names it."""
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: `1e-08` (what `dvc exp run -S train.adam_epsilon=1e-8` writes)
+    is a number, as DVC itself reads it, not the string YAML 1.1 makes of an exponent without a dot."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
 def load(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     if not path.is_file():
         raise ParamError(f"{path}: no such file (run the stage from the project root)")
     try:
         with open(path, encoding="utf-8") as f:
-            params = yaml.safe_load(f)
+            params = yaml.load(f, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

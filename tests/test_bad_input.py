@@ -237,3 +237,13 @@ def test_outputs_get_the_users_umask(params_file, raw_dir, tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "p").stat().st_mode & 0o777 == 0o755
+
+
+def test_an_exponent_without_a_dot_is_a_number_as_dvc_writes_it(tmp_path):
+    """`dvc exp run -S train.adam_epsilon=1e-8` writes `1e-08`, a string to YAML 1.1 but a float to DVC."""
+    from stages import params as P
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  adam_epsilon: 1e-08\n  lr: 5e-5\n  n: 3\n  quoted: '1e-8'\n")
+    train = P.load(path)["train"]
+    assert train == {"adam_epsilon": 1e-08, "lr": 5e-05, "n": 3, "quoted": "1e-8"}
+    assert P.number({"train": train}, "train.adam_epsilon", min=0) == 1e-08
