@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 import stages.scoring as scoring
+from stages import outputs
 from stages import score as score_cli
 from stages.e2e import DataError
 from stages.score import load_refs
@@ -150,13 +151,13 @@ def test_read_only_folder_fails_before_scoring(cli, tmp_path, capsys):
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o500)
     assert cli("--output", str(ro / "out.json")) == 2
-    assert cli.calls == [] and "not writable" in capsys.readouterr().err
+    assert cli.calls == [] and "cannot write" in capsys.readouterr().err
 
 
 def test_a_failed_write_is_one_line_and_leaves_nothing(cli, tmp_path, capsys, monkeypatch):
     def full_disk(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(score_cli.os, "replace", full_disk)
+    monkeypatch.setattr(outputs.os, "replace", full_disk)  # the rename that publishes stages/outputs' atomic file
     out = tmp_path / "out" / "scores.json"
     out.parent.mkdir()
     assert cli("--output", str(out)) == 2
