@@ -271,7 +271,7 @@ def vectorised_ban():
     original = G.NoRepeatNGramInOutput.__call__
 
     def call(self, input_ids, scores):
-        return speed.ban_repeated_ngrams(input_ids[:, self.prompt_len:], scores, self.ban.ngram_size)
+        return speed.ban_repeated_ngrams(input_ids[:, self.prompt_len:], scores, self.n)
     G.NoRepeatNGramInOutput.__call__ = call
     try:
         yield

@@ -23,7 +23,7 @@ from pathlib import Path
 import datasets
 import torch
 from transformers import GPT2LMHeadModel, LogitsProcessor, LogitsProcessorList
-from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor, SuppressTokensLogitsProcessor
+from transformers.generation.logits_process import SuppressTokensLogitsProcessor
 
 from stages import authors_data, beam, cli, fidelity, gpt2, lora, speed
 from stages import params as P
@@ -51,7 +51,7 @@ def read_config(params: dict, method: str = "base") -> dict:
         "batch_size": P.number(params, "generate.batch_size", kind=int, min=1),
         "early_stopping": P.choice(params, "generate.early_stopping", (True, False, "never")),
         "search": P.choice(params, "generate.search", SEARCHES),
-        "eos_ids": eos_ids(params),
+        "eos_ids": P.distinct_ints(params, "generate.eos_ids", "token ids"),
         "ban_newlines": P.choice(params, "generate.ban_newlines", (True, False)),
     }
     if cfg["ban_newlines"] and cfg["search"] != "transformers":
@@ -63,14 +63,6 @@ def read_config(params: dict, method: str = "base") -> dict:
 def newline_ids(tok) -> list[int]:
     """Every token whose text contains a newline ("\\n", "\\n\\n", ".\\n", ...): Li & Liang decode with them banned."""
     return [i for i in range(len(tok)) if "\n" in tok.decode([i])]
-
-
-def eos_ids(params: dict) -> list[int]:
-    ids = P.get(params, "generate.eos_ids")
-    if not (isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i for i in ids)
-            and len(set(ids)) == len(ids)):
-        raise P.ParamError(f"generate.eos_ids must be a non-empty list of distinct token ids, got {ids!r}")
-    return ids
 
 
 def load_model(method: str, base: Path, model_dir: Path) -> GPT2LMHeadModel:
@@ -106,11 +98,12 @@ class NoRepeatNGramInOutput(LogitsProcessor):
     """Ban a token that would repeat an n-gram of the *generated* text (columns from `prompt_len` on)."""
 
     def __init__(self, n: int, prompt_len: int):
-        self.ban, self.prompt_len = NoRepeatNGramLogitsProcessor(n), prompt_len
+        self.n, self.prompt_len = n, prompt_len
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        # The same bans as transformers' processor, without its per-hypothesis device-to-host copy every step.
-        return speed.ban_repeated_ngrams(input_ids[:, self.prompt_len:], scores, self.ban.ngram_size)
+        # The same bans as transformers' NoRepeatNGramLogitsProcessor, without its per-hypothesis device-to-host
+        # copy every step (tests/test_speed.py compares them).
+        return speed.ban_repeated_ngrams(input_ids[:, self.prompt_len:], scores, self.n)
 
 
 def one_line(text: str) -> str:

@@ -93,6 +93,17 @@ def number(params: dict, key: str, *, kind=float, min=None, max=None, min_inclus
     return kind(value)
 
 
+def distinct_ints(params: dict, key: str, what: str) -> list[int]:
+    """A non-empty list of distinct integers >= 0 (seeds, token ids); anything else is a ParamError naming `key`."""
+    value = get(params, key)
+    if not (isinstance(value, list) and value
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        raise ParamError(f"{key} must be a non-empty list of {what} (integers >= 0), got {value!r}")
+    if len(set(value)) != len(value):
+        raise ParamError(f"{key}: duplicates in {value}: each must appear once")
+    return value
+
+
 def choice(params: dict, key: str, allowed):
     value = get(params, key)
     if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):  # 1 is not True

@@ -44,16 +44,6 @@ FIDELITY = [("distinct_outputs", "distinct outputs", "{:.0f}"), ("name_realised"
             ("slots_realised", "slots realised", "{:.0%}")]
 
 
-def read_seeds(params: dict) -> list[int]:
-    seeds = P.get(params, "train.seeds")
-    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                                      for s in seeds)):
-        raise P.ParamError(f"train.seeds must be a non-empty list of seeds (integers >= 0), got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise P.ParamError(f"train.seeds: duplicate seeds in {seeds}: each would be one run counted twice")
-    return seeds
-
-
 def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -173,7 +163,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     params = P.load()
-    seeds = read_seeds(params)
+    seeds = P.distinct_ints(params, "train.seeds", "seeds")
     protocol = P.choice(params, "protocol", tuple(PROTOCOLS))
     df = runs(Path(args.scores), Path(args.costs), seeds)
     base = Path(args.base)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import re
 import os
 import shutil
 import subprocess
@@ -247,3 +248,15 @@ def test_an_exponent_without_a_dot_is_a_number_as_dvc_writes_it(tmp_path):
     train = P.load(path)["train"]
     assert train == {"adam_epsilon": 1e-08, "lr": 5e-05, "n": 3, "quoted": "1e-8"}
     assert P.number({"train": train}, "train.adam_epsilon", min=0) == 1e-08
+
+
+@pytest.mark.parametrize("value, message", [
+    ([], "train.seeds must be a non-empty list of seeds"), ([110, 110], "train.seeds: duplicates in [110, 110]"),
+    ([1, -1], "integers >= 0"), ([True], "integers >= 0"), ("110", "non-empty list"),
+])
+def test_seed_lists_are_non_empty_distinct_and_non_negative(value, message):
+    """report reads train.seeds (and generate its eos_ids) through this check: a duplicate would count twice."""
+    from stages import params as P
+    with pytest.raises(P.ParamError, match=re.escape(message)):
+        P.distinct_ints({"train": {"seeds": value}}, "train.seeds", "seeds")
+    assert P.distinct_ints({"train": {"seeds": [110, 111]}}, "train.seeds", "seeds") == [110, 111]
