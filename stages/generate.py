@@ -179,10 +179,7 @@ def main(argv=None) -> int:
     base, model_dir, out = Path(args.base), Path(args.model), Path(args.out)
     for path in (out, args.costs):
         check_writable(path)
-    try:
-        test = datasets.load_from_disk(str(Path(args.data) / "test"))
-    except (FileNotFoundError, ValueError) as e:
-        raise InputError(f"{Path(args.data) / 'test'}: not a preprocess output ({e})") from None
+    test = gpt2.load_prepared(args.data, "test")
     contexts = test["context_ids"]
     tok = gpt2.load_tokenizer(base / "tokenizer.json")
     if cfg["ban_newlines"]:

@@ -47,8 +47,8 @@ def nonfinite_tensors(named: dict[str, torch.Tensor] | list[tuple[str, torch.Ten
     return [n for n, t in items if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
-def check_finite(model: torch.nn.Module, what: str, error=InputError) -> None:
-    bad = nonfinite_tensors(list(model.named_parameters()))
+def check_finite(model: torch.nn.Module, what: str, error=InputError, trainable_only: bool = False) -> None:
+    bad = nonfinite_tensors([(n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only])
     if bad:
         raise error(f"{what}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]})")
 
@@ -72,6 +72,20 @@ def load_model(model_dir: str | Path, dropout: float | None = None) -> GPT2LMHea
         raise InputError(f"{model_dir}: cannot load the model ({type(e).__name__}: {e})") from None
     check_finite(model, str(model_dir / "model.safetensors"))
     return model
+
+
+def load_prepared(data: str | Path, split: str):
+    """One split of preprocess's output (an Arrow dataset), non-empty, or an InputError naming its path."""
+    import datasets
+
+    path = Path(data) / split
+    try:
+        table = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(f"{path}: not a preprocess output ({e})") from None
+    if len(table) == 0:
+        raise InputError(f"{path}: no examples")
+    return table
 
 
 def check_fits(model: GPT2LMHeadModel, n_tokens: int, what: str) -> None:

@@ -76,17 +76,6 @@ def read_config(params: dict, method: str, seed: int = 0) -> dict:
     return cfg
 
 
-def load_split(data: Path, split: str) -> datasets.Dataset:
-    path = data / split
-    try:
-        table = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as e:
-        raise InputError(f"{path}: not a preprocess output ({e})") from None
-    if len(table) == 0:
-        raise InputError(f"{path}: no examples")
-    return table
-
-
 class StopOnNonFinite(TrainerCallback):
     """Fail the run at the first logged non-finite loss, or non-finite trainable weight, naming the step.
 
@@ -99,7 +88,9 @@ class StopOnNonFinite(TrainerCallback):
             if key in (logs or {}):
                 gpt2.check_loss(float(logs[key]), state.global_step)
         if model is not None:
-            gpt2.check_finite(model, f"trainable weights at step {state.global_step}", error=RunError)
+            # Frozen weights were checked at load and cannot change: only the trainable ones, cheaply for LoRA.
+            gpt2.check_finite(model, f"trainable weights at step {state.global_step}", error=RunError,
+                              trainable_only=True)
 
 
 class LiveMetrics(DVCLiveCallback):
@@ -229,7 +220,7 @@ def main(argv=None) -> int:
     if cfg["processes"] > 1 and "LOCAL_RANK" not in os.environ:  # the launcher sets LOCAL_RANK in each worker
         return launch(cfg["processes"], list(sys.argv[1:] if argv is None else argv))
     data, base = Path(args.data), Path(args.base)
-    train_set, eval_set = load_split(data, "train"), load_split(data, "validation")
+    train_set, eval_set = gpt2.load_prepared(data, "train"), gpt2.load_prepared(data, "validation")
     identity = gpt2.base_identity(base)
 
     torch.manual_seed(cfg["seed"])  # LoRA's A init happens in build_model: seed it too
