@@ -29,7 +29,8 @@ import pandas as pd
 from stages import cli
 from stages.cli import InputError
 
-# key in the metrics file, column title, factor to the paper's units for a fraction file, decimals (paper Table 3)
+# key in the metrics file, column title, factor to the paper's units for a fraction file, decimals (paper Table 3).
+# A metrics file names its units (stages/score.py --units); one without the key is the scorer's fractions.
 METRICS = (("bleu", "BLEU", 100, 1), ("nist", "NIST", 1, 2), ("meteor", "METEOR", 100, 1),
            ("rouge_l", "ROUGE-L", 100, 1), ("cider", "CIDEr", 1, 2))
 AVERAGED = ("train.seed", "train.seeds")  # what runs of one setting differ by
@@ -95,7 +96,7 @@ def experiments(show: list) -> list[dict]:
     return out
 
 
-def samples(exps: list[dict], pattern: str, units: str) -> tuple[list[dict], list[str]]:
+def samples(exps: list[dict], pattern: str) -> tuple[list[dict], list[str]]:
     """One row per (finished run, metrics file matching `pattern`), in the paper's units; and what is missing."""
     rows, missing, seen = [], [], {}
     for e in exps:
@@ -114,13 +115,16 @@ def samples(exps: list[dict], pattern: str, units: str) -> tuple[list[dict], lis
                 missing.append(f"{e['name']} ({f}: {why})")
                 continue
             row = {"run": e["name"] if len(files) == 1 else f"{e['name']}:{f}", "params": e["params"]}
+            units = data.get("units", "fraction")
+            if units not in ("fraction", "paper"):
+                raise CompareError(f"{e['name']}: {f}: units = {units!r}, expected 'fraction' or 'paper'")
             for key, title, factor, _ in METRICS:
                 v = data[key]
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                     raise CompareError(f"{e['name']}: {f}: {key} = {v!r} is not a finite number")
                 if units == "fraction" and factor == 100 and not 0 <= v <= 1:  # never print a BLEU of 7040 %
-                    raise CompareError(f"{e['name']}: {f}: {key} = {v!r} is not a fraction; if the file holds "
-                                       "percentages, pass --units paper")
+                    raise CompareError(f"{e['name']}: {f}: {key} = {v!r} is not a fraction, and the file names no "
+                                       "units (stages/score.py writes units: paper)")
                 row[title] = v * (factor if units == "fraction" else 1)
             # The same run shown twice (a commit and the experiment it came from; an experiment re-run with
             # nothing changed, which is deterministic) is one sample, not two: it would shrink the std.
@@ -236,15 +240,13 @@ def main(argv=None) -> int:
     ap.add_argument("--by", default="lora.rank", help="parameter whose values are the rows (lora.rank, lora.targets)")
     ap.add_argument("--metrics", default="metrics/scores/lora-s*.json",
                     help="metrics file(s) of the method compared, a glob (each match in a run is one sample)")
-    ap.add_argument("--units", choices=("fraction", "paper"), default="fraction",
-                    help="BLEU, METEOR, ROUGE-L in the metrics files: fractions (the scorer's) or percentages")
     ap.add_argument("--json", help="read this saved `dvc exp show --json` output instead of running dvc")
     ap.add_argument("--plot", help="write a PNG of each metric against --by")
     args = ap.parse_args(argv)
 
     exps = experiments(exp_show(args.json))
     check_by(args.by, exps)
-    rows, missing = samples(exps, args.metrics, args.units)
+    rows, missing = samples(exps, args.metrics)
     if not rows:
         raise CompareError(f"no finished experiment has {args.metrics}"
                            + (f"; not counted: {'; '.join(missing)}" if missing else "")

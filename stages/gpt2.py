@@ -71,6 +71,9 @@ def load_model(model_dir: str | Path, dropout: float | None = None) -> GPT2LMHea
     except Exception as e:  # safetensors' and transformers' own types: truncated file, wrong shapes, ...
         raise InputError(f"{model_dir}: cannot load the model ({type(e).__name__}: {e})") from None
     check_finite(model, str(model_dir / "model.safetensors"))
+    # transformers derives the loss from the class name, finds none in "GPT2LMHeadModel" and says "`loss_type=None`
+    # ... unrecognized" on the first loss; the loss it then uses is this one, so naming it changes no number.
+    model.loss_type = "ForCausalLM"
     return model
 
 

@@ -24,9 +24,9 @@ from stages.cli import InputError  # noqa: E402
 from stages.outputs import atomic_dir, atomic_file  # noqa: E402
 
 METHODS = {"base": "pretrained only (no fine-tuning)", "lora": "LoRA", "full": "full fine-tuning"}
-# (key, header, factor to the paper's units, decimals as the paper prints them)
-METRICS = [("bleu", "BLEU", 100, 2), ("nist", "NIST", 1, 4), ("meteor", "METEOR", 100, 2),
-           ("rouge_l", "ROUGE-L", 100, 2), ("cider", "CIDEr", 1, 4)]
+# (key, header, decimals as the paper prints them); the score stage writes them in the paper's units (`--units paper`)
+METRICS = [("bleu", "BLEU", 2), ("nist", "NIST", 4), ("meteor", "METEOR", 2), ("rouge_l", "ROUGE-L", 2),
+           ("cider", "CIDEr", 4)]
 # Hu et al. 2021, Table 3 (GPT-2 Medium, E2E test set). The FT row is copied there from Li & Liang (2021).
 PAPER = {
     "full": {"params": "354.92M", "bleu": "68.2", "nist": "8.62", "meteor": "46.2", "rouge_l": "71.0",
@@ -55,20 +55,27 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def read_scores(path: Path) -> dict:
+    data = read_json(path)
+    if data.get("units") != "paper":  # a fraction file would print a BLEU of 0.70 as 0.70 %
+        raise InputError(f"{path}: units {data.get('units')!r}, expected 'paper' (python -m stages.score --units paper)")
+    return data
+
+
 def runs(scores: Path, costs: Path, seeds: list[int]) -> pd.DataFrame:
     """One row per run: base once, each method once per seed; quality and cost columns."""
-    rows = [{"method": "base", "seed": None, **read_json(scores / "base.json")}]
+    rows = [{"method": "base", "seed": None, **read_scores(scores / "base.json")}]
     for method in ("lora", "full"):
         for seed in seeds:
             run = f"{method}-s{seed}"
-            rows.append({"method": method, "seed": seed, **read_json(scores / f"{run}.json"),
+            rows.append({"method": method, "seed": seed, **read_scores(scores / f"{run}.json"),
                          **read_json(costs / f"train-{run}.json")})
     return pd.DataFrame(rows)
 
 
-def cell(values: pd.Series, scale: float, decimals: int) -> str:
-    """mean, and ± sample std (n - 1) over seeds when there are several, in the paper's units."""
-    values = values.dropna() * scale
+def cell(values: pd.Series, decimals: int) -> str:
+    """mean, and ± sample std (n - 1) over seeds when there are several."""
+    values = values.dropna()
     if values.empty:
         return "–"
     text = f"{values.mean():.{decimals}f}"
@@ -86,16 +93,16 @@ def table(df: pd.DataFrame) -> list[str]:
             + "".join(f" | {f[1]}" for f in fidelity) + " | train time (s) | peak memory (MB) |")
     rows = [head, "|" + " --- |" * (len(METRICS) + len(fidelity) + 5)]
     for method, group in df.groupby("method", sort=False):
-        cells = [cell(group[k], scale, d) for k, _, scale, d in METRICS]
+        cells = [cell(group[k], d) for k, _, d in METRICS]
         cells += [fmt.format(group[k].mean()) for k, _, fmt in fidelity]
-        cells += [cell(group[k], 1, 1) if k in group else "–" for k in ("train_time_s", "peak_memory_mb")]
+        cells += [cell(group[k], 1) if k in group else "–" for k in ("train_time_s", "peak_memory_mb")]
         n = "–" if method == "base" else str(len(group))
         rows.append(f"| ours: {METHODS[method]} | {n} | {fmt_params(group['trainable_params'].iloc[0])} | "
                     + " | ".join(cells) + " |")
     for method in ("full", "lora"):
         p = PAPER[method]
         rows.append(f"| paper: GPT-2 M ({'FT' if method == 'full' else 'LoRA'}) | | {p['params']} | "
-                    + " | ".join(p[k] for k, _, _, _ in METRICS) + " |" * len(fidelity) + " | | |")
+                    + " | ".join(p[k] for k, _, _ in METRICS) + " |" * len(fidelity) + " | | |")
     return rows
 
 
@@ -135,7 +142,8 @@ def plot_loss(live: Path, seeds: list[int], path: Path) -> None:
             if evals is not None:
                 ax.plot(evals["step"], evals["loss"], "o--", color=color, label=label and f"{label}: validation")
     ax.set(xlabel="logging step", ylabel="loss (label-smoothed)", title="Training loss (every seed)")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # no curves: no empty legend (and no matplotlib warning)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -144,9 +152,9 @@ def plot_loss(live: Path, seeds: list[int], path: Path) -> None:
 def plot_metrics(df: pd.DataFrame, path: Path) -> None:
     means = df.groupby("method", sort=False).mean(numeric_only=True)
     fig, axes = plt.subplots(1, len(METRICS), figsize=(12, 3))
-    for ax, (key, name, scale, _) in zip(axes, METRICS):
-        ax.bar(list(means.index), means[key] * scale, color=["grey", "tab:blue", "tab:orange"][:len(means)])
-        ax.set_title(name)
+    for ax, (key, name, _) in zip(axes, METRICS):
+        ax.bar(list(means.index), means[key], color=["grey", "tab:blue", "tab:orange"][:len(means)])
+        ax.set_title(name + (" (%)" if key in ("bleu", "meteor", "rouge_l") else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

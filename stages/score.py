@@ -1,13 +1,16 @@
 """Score system outputs with the five E2E NLG Challenge metrics: a faster drop-in for the official scorer
 (e2e-metrics measure_scores.py), giving its values without Perl and with one JVM (METEOR), in either of its modes.
 
-    python -m stages.score --refs REFS --predictions PRED [-p | --mode perl|python] [--output FILE] [--extra FILE ...]
+    python -m stages.score --refs REFS --predictions PRED [-p | --mode perl|python] [--units fraction|paper]
+                           [--output FILE] [--extra FILE ...]
 
 REFS: an E2E CSV (`mr`, `ref` columns; references grouped per MR in order of first appearance) or a text file (the
 references of one instance on consecutive lines, instances separated by empty lines; a file without empty lines
 holds one reference per instance). PRED: one output per line, one line per instance. `--mode perl` (default) is
 measure_scores.py's default MT-Eval (mteval-v13a-sig.pl) for BLEU and NIST, `-p` / `--mode python` its `-p`
-(pymteval.py); the other three metrics are the same in both. The JSON (keys sorted) records the mode.
+(pymteval.py); the other three metrics are the same in both. `--units fraction` (default) prints BLEU, METEOR and
+ROUGE-L as fractions, as measure_scores.py does; `--units paper` in %, as Table 3 (the pipeline's metrics files).
+NIST and CIDEr are unscaled in both. The JSON (keys sorted) records the mode and the units.
 """
 from __future__ import annotations
 
@@ -22,8 +25,10 @@ from stages.cli import InputError
 from stages.outputs import atomic_file, check_writable
 from stages.scoring import METRICS, MODES, JavaError, ScoreError, score
 
-__all__ = ["score", "load_refs", "load_predictions", "main"]
-RESERVED = (*METRICS, "mode")
+__all__ = ["score", "in_units", "load_refs", "load_predictions", "main"]
+RESERVED = (*METRICS, "mode", "units")
+# Table 3 prints BLEU, METEOR and ROUGE-L in %, NIST and CIDEr as they come.
+PERCENT = ("bleu", "meteor", "rouge_l")
 # params.yaml's protocol -> scoring mode (score.mode: auto): the authors scored Table 3 with measure_scores.py -p.
 PROTOCOL_MODES = {"authors": "python", "e2e": "perl"}  # keys of our own in the output JSON
 # measure_scores.py read_tsv repairs these mis-encodings in CSV files before parsing.
@@ -80,6 +85,11 @@ def _warn_scattered_mrs(path: str | Path, rows: list[tuple[str, str]]) -> None:
               f"the official scorer would make {starts}", file=sys.stderr)
 
 
+def in_units(metrics: dict[str, float], units: str) -> dict[str, float]:
+    """The scorer's values (fractions) in `units`: "fraction" as they are, "paper" with BLEU, METEOR, ROUGE-L x 100."""
+    return {k: v * 100 if units == "paper" and k in PERCENT else v for k, v in metrics.items()}
+
+
 def _non_finite(path: str, constant: str):
     raise DataError(f"{path}: non-finite number {constant}")
 
@@ -131,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-p", "--python", dest="mode", action="store_const", const="python", help="same as --mode python")
     ap.add_argument("--protocol", choices=sorted(PROTOCOL_MODES),
                     help="with --mode auto: authors scores as the LoRA authors did (python), e2e as the challenge (perl)")
+    ap.add_argument("--units", choices=("fraction", "paper"), default="fraction",
+                    help="BLEU, METEOR, ROUGE-L as fractions (the official scorer's output) or in %% (the paper's)")
     ap.add_argument("--output", type=Path, help="write the JSON here (atomically) instead of stdout")
     ap.add_argument("--extra", action="append", default=[], help="JSON object merged into the output (repeatable)")
     args = ap.parse_args(argv)
@@ -150,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         if empty:
             print(f"warning: {args.predictions}: {empty} empty prediction line(s), scored as empty outputs",
                   file=sys.stderr)
-        result = {**score(refs, preds, mode=args.mode), "mode": args.mode, **extra}
+        result = {**in_units(score(refs, preds, mode=args.mode), args.units), "mode": args.mode,
+                  "units": args.units, **extra}
         text = json.dumps(result, indent=2, sort_keys=True, allow_nan=False) + "\n"
         if args.output:
             try:

@@ -1,7 +1,7 @@
 """Specification of stages/compare.py: sweep tables (paper Tables 5 and 6) from `dvc exp show --json`.
 
 tests/fixtures/exp_show.json is real DVC 3.67.1 output from a throwaway repository whose stage wrote
-metrics/lora.json (fractions, as stages/score.py does) from params.yaml: a baseline commit (rank 4, seed 110), a
+metrics/lora.json (fractions without a `units` key, as stages/score.py wrote them before it named its units) from params.yaml: a baseline commit (rank 4, seed 110), a
 queued rank sweep 1, 2, 8 with seeds 1 and 2, rank 4 seed 1, targets [q, k, v, o] rank 2, targets [k] rank 8, a run
 that failed (rank 3; DVC still shows it with the workspace's stale metrics), one running (rank 64) and one still
 queued (rank 32). exp_show_empty.json: the same repository before any experiment. Expected numbers are recomputed
@@ -122,14 +122,25 @@ def test_targets_table_has_one_row_per_targets_and_rank(capsys):
                                                        key=lambda t: len(t.split(",")))
 
 
-def test_units_paper_leaves_the_values_as_they_are(capsys):
+def in_paper_units(show) -> list:
+    """The fixture as the score stage now writes it: BLEU, METEOR, ROUGE-L in %, and `units: paper`."""
+    show = copy.deepcopy(show)
+    for top in show:
+        for rev in [top] + [e["revs"][0] for e in top.get("experiments") or []]:
+            for entry in (rev.get("data") or {}).get("metrics", {}).values():
+                data = (entry or {}).get("data")
+                if data:
+                    data.update({k: data[k] * 100 for k in PERCENT}, units="paper")
+    return show
+
+
+def test_a_file_in_the_papers_units_gives_the_same_table_as_one_in_fractions(capsys):
     show = fixture()
     frac, _ = run(capsys, show)
-    paper, _ = run(capsys, show, "--units", "paper")
+    paper, _ = run(capsys, in_paper_units(show))
+    assert paper == frac
     first = [r for r in all_runs(show) if r["name"] == frac[0]["runs"].split(", ")[0]][0]
-    assert float(frac[0]["NIST"].split()[0]) == float(paper[0]["NIST"].split()[0])
-    assert paper[0]["BLEU"].split()[0] != frac[0]["BLEU"].split()[0]
-    assert first["metrics"]["bleu"] < 1 < float(frac[0]["BLEU"].split()[0])
+    assert first["metrics"]["bleu"] < 1 < float(frac[0]["BLEU"].split()[0])  # the fixture's fractions were scaled
 
 
 def test_several_metrics_files_of_one_run_are_one_sample_each(capsys):
@@ -193,15 +204,18 @@ def test_non_finite_metric_fails_loudly(capsys):
         run(capsys, show)
 
 
-def test_percentages_read_as_fractions_are_an_error_that_names_the_option(capsys):
+def test_percentages_in_a_file_without_units_are_an_error(capsys):
     show = fixture()
     show[1]["data"]["metrics"]["metrics/lora.json"]["data"]["bleu"] = 70.4
-    with pytest.raises(compare.CompareError, match=r"master: metrics/lora.json: bleu = 70.4 .*--units paper"):
+    with pytest.raises(compare.CompareError, match=r"master: metrics/lora.json: bleu = 70.4 is not a fraction"):
         run(capsys, show)
     only = fixture("exp_show_empty.json")
-    only[1]["data"]["metrics"]["metrics/lora.json"]["data"]["bleu"] = 70.4
-    rows, _ = run(capsys, only, "--units", "paper")  # then nothing is scaled
+    only[1]["data"]["metrics"]["metrics/lora.json"]["data"].update(bleu=70.4, units="paper")
+    rows, _ = run(capsys, only)  # a file that says so is not scaled
     assert rows[0]["BLEU"] == "70.4"
+    only[1]["data"]["metrics"]["metrics/lora.json"]["data"]["units"] = "percent"
+    with pytest.raises(compare.CompareError, match=r"units = 'percent', expected 'fraction' or 'paper'"):
+        run(capsys, only)
 
 
 def test_plot_is_written_and_identical_when_repeated(capsys, tmp_path):

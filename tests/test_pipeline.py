@@ -53,10 +53,14 @@ def test_demo_runs_every_stage_and_reports(demo):
     lora = json.loads((ws / "metrics" / "scores" / "lora-s110.json").read_text())
     assert lora["mode"] == "python"  # the authors' protocol scores as they did: measure_scores.py -p
     assert lora["trainable_params"] == 1 * 2 * 2 * 4 * 32  # 1 layer x (q, v) x (A + B) x rank 4 x width 32
+    assert lora["units"] == "paper"  # % as in Table 3: the report prints the file's numbers as they are
     report = (ws / "metrics" / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| ours: LoRA"))
+    assert [c.strip() for c in row.strip("|").split("|")][3] == f"{lora['bleu']:.2f}"
     assert "Miniature run, not the paper's setting" in report and "paper: GPT-2 M (LoRA)" in report
     assert (ws / "metrics" / "plots" / "loss.png").stat().st_size > 0
     assert "Demo finished" in out
+    assert "No file hash info found" not in out  # DVC's first-run checkout warning, avoided by repro
     assert run(["git", "status", "--porcelain"], cwd=ws).strip() == ""  # the baseline is committed
 
 
@@ -64,6 +68,7 @@ def test_lora_knob_reruns_only_the_lora_branch(demo):
     ws, _ = demo
     out = run(["dvc", "exp", "run", "-S", "lora.rank=8"], cwd=ws)
     assert stages_run(out) == {"train@lora-110", "generate@lora-110", "score@lora-110", "report"}
+    assert "No file hash info found" not in out and "loss_type" not in out  # nothing a user cannot act on
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], cwd=ws))
     assert diff["metrics/scores/lora-s110.json"]["trainable_params"] == {"old": 512, "new": 1024, "diff": 512}
     full = diff.get("metrics/scores/full-s110.json", {})

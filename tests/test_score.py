@@ -195,7 +195,7 @@ def test_cli_warns_on_empty_predictions_merges_extra_and_writes_atomically(tmp_p
     captured = capsys.readouterr()
     assert captured.out == "" and "2 empty prediction line(s)" in captured.err
     assert json.loads(out.read_text()) == {**dict.fromkeys(score_cli.METRICS, 0.5), "trainable_params": 350000,
-                                           "train_seconds": 12.5, "mode": "perl"}
+                                           "train_seconds": 12.5, "mode": "perl", "units": "fraction"}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     extra.write_text('{"bleu": 1}', encoding="utf-8")
     assert score_cli.main(["--refs", str(refs), "--predictions", str(pred), "--extra", str(extra)]) == 2

@@ -182,6 +182,18 @@ def test_output_gets_the_users_umask_sorted_keys_and_same_bytes(cli, tmp_path, u
     assert keys == sorted(keys) and json.loads(text)["mode"] == "python" and cli.calls == ["python", "python"]
 
 
+@pytest.mark.parametrize("units, factor", [("fraction", 1), ("paper", 100)])
+def test_units_scale_bleu_meteor_rouge_l_only_and_are_recorded(cli, tmp_path, units, factor):
+    """fraction: as measure_scores.py prints them; paper: Table 3's % for BLEU, METEOR, ROUGE-L, NIST and CIDEr raw."""
+    out = tmp_path / "out.json"
+    assert cli("--output", str(out), "--units", units) == 0
+    got = json.loads(out.read_text())
+    raw = {"nist": 3.0, "bleu": 0.5, "meteor": 0.25, "cider": 1.0, "rouge_l": 0.75}  # the cli fixture's score()
+    assert got["units"] == units
+    assert {k: got[k] for k in raw} == {k: v * (factor if k in ("bleu", "meteor", "rouge_l") else 1)
+                                        for k, v in raw.items()}
+
+
 # --- bad input and bad numbers -----------------------------------------------------------------------------------
 
 def test_an_mr_without_references_is_an_error_naming_it(tmp_path):
@@ -225,7 +237,7 @@ def test_score_stage_takes_the_mode_from_params_and_depends_on_the_scoring_packa
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for stage in (stages["score"], stages["score-base"]):
         assert {"score.mode", "protocol"} <= set(stage["params"])
-        assert "--mode ${score.mode} --protocol ${protocol}" in stage["cmd"]
+        assert "--mode ${score.mode} --protocol ${protocol} --units paper" in stage["cmd"]
         assert {"stages/scoring", "stages/score.py", "stages/e2e.py"} <= set(stage["deps"])
 
 
