@@ -47,6 +47,8 @@ git config user.name demo
 dvc init -q
 dvc config core.autostage true
 dvc config core.analytics false
+cp -r "$here/.dvc/plots" .dvc/plots  # DVC's plots page with Vega inlined: `dvc plots show` renders offline
+dvc config plots.html_template plots/offline.html
 git add -A
 git commit -qm "Pipeline as shipped (paper defaults)"
 

@@ -59,6 +59,9 @@ def test_demo_runs_every_stage_and_reports(demo):
     assert [c.strip() for c in row.strip("|").split("|")][3] == f"{lora['bleu']:.2f}"
     assert "Miniature run, not the paper's setting" in report and "paper: GPT-2 M (LoRA)" in report
     assert (ws / "metrics" / "plots" / "loss.png").stat().st_size > 0
+    run(["dvc", "plots", "show", "-o", str(ws.parent / "plots-page")], cwd=ws)
+    page = (ws.parent / "plots-page" / "index.html").read_text()
+    assert "cdn.jsdelivr.net" not in page and "vegaEmbed(" in page  # DVCLive's curves, with Vega inlined
     assert "Demo finished" in out
     assert "No file hash info found" not in out  # DVC's first-run checkout warning, avoided by repro
     assert run(["git", "status", "--porcelain"], cwd=ws).strip() == ""  # the baseline is committed
