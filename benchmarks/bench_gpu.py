@@ -33,7 +33,6 @@ under a minute on a CPU and exists so the script cannot rot (tests/test_bench_gp
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import importlib
 import json
@@ -84,16 +83,16 @@ def plan(shrunk: bool) -> list[tuple[str, tuple]]:
     def t(method, **o):
         return "train", (method, {**DEFAULT, **o})
 
-    def d(precision, compiled, bs, vec_ban=False):
-        return "decode", (precision, compiled, bs, vec_ban)
+    def d(precision, compiled, bs):
+        return "decode", (precision, compiled, bs)
     if shrunk:  # the last four are refused on a CPU: listed under "skipped" with the reason
-        return [t("lora"), t("full"), t("peft"), d("fp32", False, 2), d("fp32", False, 2, vec_ban=True),
+        return [t("lora"), t("full"), t("peft"), d("fp32", False, 2),
                 t("lora", group=True), t("lora", workers=1),
                 d("fp32", False, 4), t("lora", precision="bf16"), t("lora", compile=True), t("lora", pin=True),
                 d("bf16", False, 2)]
     return ([t("lora"), t("full"), t("peft"), d("fp32", False, 16)]
             + [t(m, precision=p) for p in ("bf16", "tf32") for m in ("lora", "full", "peft")]
-            + [d("bf16", False, 16), d("fp32", False, 64), d("fp32", False, 16, vec_ban=True)]
+            + [d("bf16", False, 16), d("fp32", False, 64)]
             + [t("lora", pin=False), t("lora", workers=2), t("full", workers=2), t("lora", group=True),
                t("full", group=True), t("lora", precision="bf16", group=True, workers=2),
                t("full", precision="bf16", group=True, workers=2),
@@ -262,25 +261,8 @@ def measure_train(method: str, o: dict, shape: dict, examples: list[dict], devic
     return out
 
 
-@contextlib.contextmanager
-def vectorised_ban():
-    """stages.generate's output-only n-gram ban switched to speed.ban_repeated_ngrams (the change proposed for the
-    generate stage: no host sync per hypothesis per step), for the duration."""
-    import stages.generate as G
-
-    original = G.NoRepeatNGramInOutput.__call__
-
-    def call(self, input_ids, scores):
-        return speed.ban_repeated_ngrams(input_ids[:, self.prompt_len:], scores, self.n)
-    G.NoRepeatNGramInOutput.__call__ = call
-    try:
-        yield
-    finally:
-        G.NoRepeatNGramInOutput.__call__ = original
-
-
 def measure_decode(decoder, tok, shape: dict, contexts: list, device: str, precision: str, compiled: bool,
-                   batch_size: int, max_s: float, warm: int, vec_ban: bool = False) -> dict:
+                   batch_size: int, max_s: float, warm: int) -> dict:
     mem = Memory(device)
     mem.reset()
     model = build_model(shape, device).eval()  # merged LoRA = plain GPT-2: one model stands for all three
@@ -296,20 +278,15 @@ def measure_decode(decoder, tok, shape: dict, contexts: list, device: str, preci
     def decode(ids):
         return tok.decode(ids, skip_special_tokens=True)
 
-    extra = {"ngram_ban": "vectorised" if vec_ban else "transformers"}
     with speed.precision_context(precision, device):
-        reference = decoder(model, contexts[:warm], cfg, decode) if vec_ban else None  # transformers' ban
-        with vectorised_ban() if vec_ban else contextlib.nullcontext():
-            warm_out = decoder(model, contexts[:warm], cfg, decode)  # untimed warm-up (compile, allocator, cuBLAS)
-            if vec_ban:  # the proposed ban must not change a single output
-                extra["same_outputs_as_transformers_ban"] = warm_out == reference
-            sync(device)
-            done, outputs, start = 0, [], time.perf_counter()
-            while done < len(contexts) and (done == 0 or time.perf_counter() - start < max_s):
-                outputs += decoder(model, contexts[done:done + batch_size], cfg, decode)
-                done = len(outputs)
-            sync(device)
-            seconds = time.perf_counter() - start
+        decoder(model, contexts[:warm], cfg, decode)  # untimed warm-up (compile, allocator, cuBLAS)
+        sync(device)
+        done, outputs, start = 0, [], time.perf_counter()
+        while done < len(contexts) and (done == 0 or time.perf_counter() - start < max_s):
+            outputs += decoder(model, contexts[done:done + batch_size], cfg, decode)
+            done = len(outputs)
+        sync(device)
+        seconds = time.perf_counter() - start
     del model
     if compiled:
         torch._dynamo.reset()
@@ -318,7 +295,7 @@ def measure_decode(decoder, tok, shape: dict, contexts: list, device: str, preci
             "mean_output_tokens": sum(tokens) / len(tokens),
             "contexts_measured": done, "seconds": seconds, "outputs_per_s": done / seconds,
             "projected_630_s": TEST_MRS * seconds / done, "empty_outputs": sum(not x for x in outputs),
-            "peak_memory_mib": mem.peak_mib(), "peak_memory_kind": mem.kind, **extra}
+            "peak_memory_mib": mem.peak_mib(), "peak_memory_kind": mem.kind}
 
 
 def skip_reason(o: dict, device: str) -> str | None:
@@ -421,11 +398,9 @@ def main(argv=None) -> int:
             reason = skip_reason(o, device)
             need = (120 if o["compile"] else 10) if not shrunk else 2
         else:
-            precision, compiled, bs, vec_ban = job
-            name = f"{precision}{'+compile' if compiled else ''}/bs{bs}{'+vecban' if vec_ban else ''}"
+            precision, compiled, bs = job
+            name = f"{precision}{'+compile' if compiled else ''}/bs{bs}"
             reason = skip_reason({**DEFAULT, "precision": precision, "compile": compiled}, device)
-            if vec_ban and args.decoder != "stages.generate:generate":
-                reason = "the vectorised n-gram ban patches stages.generate's decoder only"
             need = (120 if compiled else 20) if not shrunk else 2
         if reason is None and left < need and i >= 4:  # the default-fidelity figures are always measured
             reason = f"time budget: {left:.0f} s left of --budget-s {budget:g}, this needs ~{need} s"
@@ -440,7 +415,7 @@ def main(argv=None) -> int:
             else:
                 result["decode"][name] = measure_decode(decoder, tok, shape, contexts, device, precision, compiled,
                                                         bs, min(dec_max_s if i == 3 else dec_max_s / 2,
-                                                                max(left - need, 5)), 1 if shrunk else bs, vec_ban)
+                                                                max(left - need, 5)), 1 if shrunk else bs)
         except Exception as e:  # one failing option must not lose the others' figures; reported and exit 1
             result["errors"][f"{kind}:{name}"] = f"{type(e).__name__}: {e}"[:500]
             gc.collect()
@@ -452,12 +427,12 @@ def main(argv=None) -> int:
         # The pipeline as it is: params.yaml's defaults, generate.batch_size 16, transformers' n-gram ban.
         "default": project(tr, dc, lambda r: all(r.get(k, v) == v for k, v in (
             ("precision", "fp32"), ("compile", False), ("workers", 0), ("group", False), ("batch_size", default_bs),
-            ("ngram_ban", "transformers"), ("pin_memory", device == "cuda")))),
+            ("pin_memory", device == "cuda")))),
         # Options and proposed changes that leave every number as it is (loader workers, pinned memory, decode
-        # batch size, the vectorised n-gram ban: its outputs are checked equal in the run).
+        # batch size).
         "same_numbers": project(tr, dc, lambda r: r["precision"] == "fp32" and not r["compile"]
-                                and not r.get("group", False) and r.get("same_outputs_as_transformers_ban", True)),
-        "best": project(tr, dc, lambda r: r.get("same_outputs_as_transformers_ban", True)),
+                                and not r.get("group", False)),
+        "best": project(tr, dc, lambda r: True),
         "protocol": {"epochs": EPOCHS, "steps_per_epoch": STEPS_PER_EPOCH, "eval_batches_per_epoch": EVAL_BATCHES,
                      "test_mrs": TEST_MRS, "decoded_systems": list(DECODED), "score_first_s": SCORE_FIRST_S,
                      "score_warm_s": SCORE_WARM_S, "score_source": "benchmarks/NOTES.md, 2-core CPU, 2026-11-28",

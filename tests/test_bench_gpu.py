@@ -122,19 +122,9 @@ def test_projection_is_the_protocol_arithmetic(shrunk):
     assert proj["default"]["configs"] == {"train_lora": "lora/fp32", "train_full": "full/fp32", "decode": "fp32/bs2"}
 
 
-def test_vectorised_ngram_ban_decodes_the_same_outputs(shrunk):
-    vec = {k: v for k, v in shrunk[0]["decode"].items() if v["ngram_ban"] == "vectorised"}
-    assert all(v["same_outputs_as_transformers_ban"] is True for v in vec.values())
-    tok = bench.load_tokenizer(ROOT / "data" / "gpt2" / "tokenizer.json")
-    contexts = bench.e2e_data(tok)[1][:2]
-    from stages.generate import generate
-
-    r = bench.measure_decode(generate, tok, bench.SHAPES["shrunk"], contexts, "cpu", "fp32", False, batch_size=2,
-                             max_s=0, warm=2, vec_ban=True)
-    assert r["same_outputs_as_transformers_ban"] is True and r["ngram_ban"] == "vectorised"
-    assert r["mean_output_tokens"] > 48  # the random model must not stop at once (EOS suppressed): 64-token beams
-    import stages.generate as G
-    assert G.NoRepeatNGramInOutput.__call__.__qualname__ == "NoRepeatNGramInOutput.__call__"  # patch undone
+def test_decoding_times_full_length_beams(shrunk):
+    """The random model must not stop at once (EOS suppressed): every beam runs (nearly) all 64 tokens."""
+    assert shrunk[0]["decode"] and all(d["mean_output_tokens"] > 48 for d in shrunk[0]["decode"].values())
 
 
 # --- pure pieces, fast ------------------------------------------------------------------------------------------
@@ -176,7 +166,7 @@ def test_decoder_is_pluggable_and_gets_the_paper_settings():
 
     r = bench.measure_decode(fake, None, bench.SHAPES["shrunk"], [[1, 2]] * 5, "cpu", "fp32", False,
                              batch_size=2, max_s=60, warm=1)
-    assert r["contexts_measured"] == 5 and r["empty_outputs"] == 0 and r["ngram_ban"] == "transformers"
+    assert r["contexts_measured"] == 5 and r["empty_outputs"] == 0
     assert [n for n, _ in calls] == [1, 2, 2, 1]  # one warm-up context, then batches in order
     cfg = calls[0][1]
     assert {k: cfg[k] for k in ("num_beams", "length_penalty", "no_repeat_ngram_size", "max_new_tokens")} == {
