@@ -20,8 +20,9 @@ import signal
 import sys
 from pathlib import Path
 
-from stages.e2e import DataError, group_by_mr, read_e2e_csv, read_text
+from stages import cli
 from stages.cli import InputError
+from stages.e2e import DataError, group_by_mr, read_e2e_csv, read_text
 from stages.outputs import atomic_file, check_writable
 from stages.scoring import METRICS, MODES, JavaError, ScoreError, score
 
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sys.stdout.write(text)
     except (DataError, JavaError, ScoreError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"score: error: {e}", file=sys.stderr)  # the other stages' form (stages/cli.py)
         return 2
     return 0
 
@@ -181,4 +182,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _exit_on_signal)
-    sys.exit(main())
+    sys.exit(cli.run("score", main))  # anything unexpected: one line too

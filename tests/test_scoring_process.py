@@ -143,7 +143,7 @@ def test_unwritable_output_fails_before_scoring(cli, tmp_path, capsys, where, me
     """/proc takes no new files, root or not."""
     assert cli("--output", str(tmp_path / where)) == 2
     err = capsys.readouterr().err
-    assert cli.calls == [] and message in err and err.count("\n") == 1 and err.startswith("error: ")
+    assert cli.calls == [] and message in err and err.count("\n") == 1 and err.startswith("score: error: ")
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write anywhere")
