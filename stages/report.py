@@ -58,7 +58,7 @@ def read_json(path: Path) -> dict:
 def read_scores(path: Path) -> dict:
     data = read_json(path)
     if data.get("units") != "paper":  # a fraction file would print a BLEU of 0.70 as 0.70 %
-        raise InputError(f"{path}: units {data.get('units')!r}, expected 'paper' (python -m stages.score --units paper)")
+        raise InputError(f"{path}: units {data.get('units')!r}, expected 'paper' (stages.score --units paper)")
     return data
 
 
