@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 METRICS = {"bleu", "nist", "meteor", "rouge_l", "cider", "trainable_params"}
 TINY = {
-    # A 1-layer, 32-wide GPT-2 (still the real 50,257-token vocabulary), a fraction of an epoch, short beams.
-    "DEMO_BASE_ARGS": "--layers 1 --width 32 --heads 2 --epochs 0.2",
+    # A 1-layer, 32-wide GPT-2 (still the real 50,257-token vocabulary), a fraction of an epoch, short beams; two
+    # copy steps and no copy gate (one layer cannot copy: tests/test_tiny_base.py covers the gate).
+    "DEMO_BASE_ARGS": "--layers 1 --width 32 --heads 2 --epochs 0.2 --copy-steps 2 --min-copy-accuracy 0",
     "DEMO_OVERRIDES": "train.epochs=0.1 train.warmup_steps=0 generate.num_beams=2 generate.max_new_tokens=8",
 }
 

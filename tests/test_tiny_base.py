@@ -1,22 +1,13 @@
-"""The experimental copy-then-LM stand-in base (benchmarks/tiny_base_copy.py, issue 11): the copy task's data,
+"""The demo's stand-in base (stages/tiny_base.py, issue 11): the copy task's data,
 the copy-accuracy measure and the gate that refuses a base which does not copy."""
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import torch
 
 from conftest import SAMPLE, TOKENIZER
 from stages import cli
 from stages.gpt2 import EOS
-
-_spec = importlib.util.spec_from_file_location(
-    "tiny_base_copy", Path(__file__).resolve().parents[1] / "benchmarks" / "tiny_base_copy.py")
-tbc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tbc)
-copy_accuracy, copy_batch, copy_candidates, main, schedule = (
-    tbc.copy_accuracy, tbc.copy_batch, tbc.copy_candidates, tbc.main, tbc.schedule)
+from stages.tiny_base import copy_accuracy, copy_batch, copy_candidates, main, schedule
 
 TOKENS = torch.arange(EOS)
 
@@ -100,6 +91,6 @@ def test_a_base_below_the_gate_fails_and_writes_nothing(tmp_path, capsys):
     args = ["--train", str(SAMPLE / "trainset.csv"), "--tokenizer", str(TOKENIZER), "--out", str(out),
             "--layers", "1", "--width", "16", "--heads", "2", "--copy-steps", "2", "--copy-mix", "2",
             "--epochs", "0.01", "--min-copy-accuracy", "0.5"]
-    assert cli.run("tiny_base_copy", main, args) == 1
+    assert cli.run("tiny_base", main, args) == 1
     assert "min-copy-accuracy" in capsys.readouterr().err
     assert not out.exists()
