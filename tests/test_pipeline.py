@@ -95,9 +95,12 @@ def test_two_processes_rerun_only_training_and_what_follows(demo):
     """One knob for several processes (GPUs): the pipeline's definition does not change, only what it trains."""
     ws, _ = demo
     out = run(["dvc", "exp", "run", "-S", "train.processes=2"], cwd=ws)
-    assert stages_run(out) == {"train@lora-110", "train@full-110", "train@lora-111", "train@full-111",
-                               "generate@lora-110", "generate@full-110", "generate@lora-111", "generate@full-111",
-                               "score@lora-110", "score@full-110", "score@lora-111", "score@full-111", "report"}
+    must = {"train@lora-110", "train@full-110", "train@lora-111", "train@full-111",
+            "generate@lora-110", "generate@full-110", "generate@lora-111", "generate@full-111", "report"}
+    # A score reruns only if its predictions changed: the tiny model's 8-token outputs can come out byte-identical
+    # (seen for both full runs with the copy-phase base), and DVC then rightly skips their score.
+    may = {"score@lora-110", "score@full-110", "score@lora-111", "score@full-111"}
+    assert must <= stages_run(out) <= must | may
     assert out.count("trainable parameters") == 4  # each training stage reports once (rank 0), not per rank
 
 
