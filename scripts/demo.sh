@@ -20,7 +20,7 @@ overrides=(
   'train.seeds=[110]'
   train.epochs=2
   train.warmup_steps=20
-  lora.lr=0.002
+  lora.lr=0.005
   full.lr=0.0005
   generate.batch_size=20
 )

@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 METRICS = {"bleu", "nist", "meteor", "rouge_l", "cider", "trainable_params"}
 TINY = {
-    # A 1-layer, 32-wide GPT-2 (still the real 50,257-token vocabulary), a fraction of an epoch, short beams.
-    "DEMO_BASE_ARGS": "--layers 1 --width 32 --heads 2 --epochs 0.2",
+    # A 1-layer, 32-wide GPT-2 (still the real 50,257-token vocabulary), a fraction of an epoch, short beams; two
+    # copy steps and no copy gate (one layer cannot copy: tests/test_tiny_base.py covers the gate).
+    "DEMO_BASE_ARGS": "--layers 1 --width 32 --heads 2 --epochs 0.2 --copy-steps 2 --min-copy-accuracy 0",
     "DEMO_OVERRIDES": "train.epochs=0.1 train.warmup_steps=0 generate.num_beams=2 generate.max_new_tokens=8",
 }
 
@@ -102,9 +103,12 @@ def test_two_processes_rerun_only_training_and_what_follows(demo):
     """One knob for several processes (GPUs): the pipeline's definition does not change, only what it trains."""
     ws, _ = demo
     out = run(["dvc", "exp", "run", "-S", "train.processes=2"], cwd=ws)
-    assert stages_run(out) == {"train@lora-110", "train@full-110", "train@lora-111", "train@full-111",
-                               "generate@lora-110", "generate@full-110", "generate@lora-111", "generate@full-111",
-                               "score@lora-110", "score@full-110", "score@lora-111", "score@full-111", "report"}
+    must = {"train@lora-110", "train@full-110", "train@lora-111", "train@full-111",
+            "generate@lora-110", "generate@full-110", "generate@lora-111", "generate@full-111", "report"}
+    # A score reruns only if its predictions changed: the tiny model's 8-token outputs can come out byte-identical
+    # (seen for both full runs with the copy-phase base), and DVC then rightly skips their score.
+    may = {"score@lora-110", "score@full-110", "score@lora-111", "score@full-111"}
+    assert must <= stages_run(out) <= must | may
     assert out.count("trainable parameters") == 4  # each training stage reports once (rank 0), not per rank
 
 
