@@ -31,6 +31,7 @@ import math
 import shutil
 import sys
 import time
+
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
