@@ -1,4 +1,4 @@
-"""Training-step time with and without stages.runtime.keep_freed_memory, side by side in one run.
+"""Training-step time with and without stages.lib.runtime.keep_freed_memory, side by side in one run.
 
 A LoRA step of a small GPT-2 (2 layers, 128 wide, GPT-2's 50,257-token vocabulary, batch 8 x 70 tokens, label
 smoothing as in training) in fresh subprocesses, alternating the two settings; prints per-step wall, user and
@@ -16,7 +16,7 @@ CHILD = r"""
 import json, resource, sys, time, torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.trainer_pt_utils import LabelSmoother
-from stages import lora, runtime
+from stages.lib import lora, runtime
 if sys.argv[1] == "on":
     runtime.keep_freed_memory()
 torch.manual_seed(0)

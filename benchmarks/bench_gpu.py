@@ -5,12 +5,12 @@
 Model: GPT-2 Medium's shape (24 layers, d = 1024, 16 heads, vocab 50,257; built in code, random weights, no hub).
 Data: the token lengths of the real E2E rows shipped in data/sample/*.csv (1,932 rows), tokenised with
 data/gpt2/tokenizer.json in the paper format "MR<|endoftext|> ref<|endoftext|>" (stages.preprocess), batched by
-stages.gpt2.collate, so padding is what the train stage pays.
+stages.lib.gpt2.collate, so padding is what the train stage pays.
 
 Training step (the train stage's Trainer step, written out so each option can be timed alone): batch 8 from a
 DataLoader (random sampler, or transformers' LengthGroupedSampler for group_by_length), forward under
-stages.speed.precision_context, transformers' LabelSmoother (0.1) on the completion tokens, backward, fused AdamW
-(the Trainer's default optimizer), linear schedule, zero_grad. Methods: LoRA (stages.lora.add_lora, r = 4, alpha 32,
+stages.lib.speed.precision_context, transformers' LabelSmoother (0.1) on the completion tokens, backward, fused AdamW
+(the Trainer's default optimizer), linear schedule, zero_grad. Methods: LoRA (stages.lib.lora.add_lora, r = 4, alpha 32,
 dropout 0.1 on q and v: the paper's Table 11), full fine-tuning, and PEFT's LoRA through the same loop:
 LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1, target_modules=["c_attn"], fan_in_fan_out=True), i.e. r = 4 on the
 whole fused c_attn, the same 393,216 trainable parameters as ours. Warm-up steps are untimed; timed regions start
@@ -48,12 +48,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from stages import params as P  # noqa: E402
-from stages import runtime  # noqa: E402
-from stages import speed  # noqa: E402
-from stages.e2e import group_by_mr, read_e2e_csv  # noqa: E402
-from stages.lora import add_lora, count_trainable  # noqa: E402
-from stages.gpt2 import EOS, collate, load_tokenizer  # noqa: E402
+from stages.lib import params as P  # noqa: E402
+from stages.lib import runtime  # noqa: E402
+from stages.lib import speed  # noqa: E402
+from stages.lib.e2e import group_by_mr, read_e2e_csv  # noqa: E402
+from stages.lib.lora import add_lora, count_trainable  # noqa: E402
+from stages.lib.gpt2 import EOS, collate, load_tokenizer  # noqa: E402
 from stages.preprocess import encode_batch, encode_contexts  # noqa: E402
 
 TRAIN_ROWS, DEV_ROWS, TEST_MRS, EPOCHS, BATCH = 42_061, 4_672, 630, 5, 8  # E2E v1.0.0; params.yaml train.*
@@ -440,7 +440,7 @@ def main(argv=None) -> int:
     }
     result["elapsed_s"] = time.perf_counter() - t_start
     check_finite(result)
-    from stages.outputs import write_json
+    from stages.lib.outputs import write_json
 
     write_json(args.out, result)
     print_table(result)

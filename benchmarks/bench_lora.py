@@ -1,4 +1,4 @@
-"""Training-step time and peak memory: our LoRA (stages/lora.py) vs PEFT's LoRA vs full fine-tuning, GPT-2 Medium.
+"""Training-step time and peak memory: our LoRA (stages/lib/lora.py) vs PEFT's LoRA vs full fine-tuning, GPT-2 Medium.
 
 A script, not a test: `python benchmarks/bench_lora.py` from the repository root (about 5 minutes on 2 CPU cores).
 Random weights with GPT-2 Medium's shape (24 layers, d = 1024, 16 heads, vocab 50257; hard-coded, no hub), fp32,
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages.lora import add_lora, count_trainable  # noqa: E402
+from stages.lib.lora import add_lora, count_trainable  # noqa: E402
 
 RANK, ALPHA = 4, 32  # paper Table 11, E2E on GPT-2 M
 VARIANTS = ("ours", "peft", "full")
@@ -132,7 +132,7 @@ def compare_layer(args, rounds: int = 300) -> dict:
             return self.c_attn(x)
 
     from peft import LoraConfig, get_peft_model
-    from stages.lora import LoRAConv1D
+    from stages.lib.lora import LoRAConv1D
 
     torch.manual_seed(0)
     base = Attn().requires_grad_(False)

@@ -2,7 +2,7 @@
 # The offline demo: the real dvc.yaml stages on a small E2E sample and a small GPT-2, on a 2-core CPU.
 #
 # Builds a fresh git + DVC workspace in $1 (default: demo/), pretrains the small base model there
-# (stages/tiny_base.py: GPT-2 Medium's stand-in), then runs the pipeline (`dvc repro`) with the overrides below
+# (stages/tools/tiny_base.py: GPT-2 Medium's stand-in), then runs the pipeline (`dvc repro`) with the overrides below
 # and commits the result as the workspace's baseline, so that afterwards, in that workspace,
 #   dvc exp run -S lora.rank=8   reruns only train@lora-110, generate@lora-110, score@lora-110 and report,
 #   dvc metrics diff             shows what that changed, and dvc exp show lists both runs.
@@ -53,7 +53,7 @@ git add -A
 git commit -qm "Pipeline as shipped (paper defaults)"
 
 echo "== pretraining the demo's small base model (stand-in for GPT-2's pretraining)"
-python -m stages.tiny_base --train data/sample/trainset.csv --tokenizer "$here/data/gpt2/tokenizer.json" \
+python -m stages.tools.tiny_base --train data/sample/trainset.csv --tokenizer "$here/data/gpt2/tokenizer.json" \
   --out base-model "${base_args[@]}"
 
 echo "== dvc repro with the demo's overrides"

@@ -11,7 +11,7 @@ import csv
 import random
 from pathlib import Path
 
-from stages.e2e import group_by_mr, read_e2e_csv
+from stages.lib.e2e import group_by_mr, read_e2e_csv
 
 
 def write(path: Path, groups) -> int:

@@ -14,8 +14,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from stages.authors_data import BLOB_IDS, read_authors_file
-from stages.e2e import read_e2e_csv
+from stages.lib.authors_data import BLOB_IDS, read_authors_file
+from stages.lib.e2e import read_e2e_csv
 
 PAIRS = [  # (sample CSV, official CSV, authors' file, output)
     ("trainset.csv", "e2e/devset.csv", "e2e-authors/valid.txt", "train.txt"),

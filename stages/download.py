@@ -20,12 +20,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from stages import authors_data, cli, gpt2
-from stages import params as P
-from stages.authors_data import git_blob_id  # the id git gives a file's content (also for the CSVs)
-from stages.cli import InputError
-from stages.e2e import read_e2e_csv
-from stages.outputs import atomic_dir, check_writable, sha256_file
+from stages.lib import authors_data, cli, gpt2
+from stages.lib import params as P
+from stages.lib.authors_data import git_blob_id  # the id git gives a file's content (also for the CSVs)
+from stages.lib.cli import InputError
+from stages.lib.e2e import read_e2e_csv
+from stages.lib.outputs import atomic_dir, check_writable, sha256_file
 
 # The three CSVs are fetched one by one from raw.githubusercontent.com at the release tag rather than the release
 # zip: raw files are the git blobs byte for byte, so their git blob ids (below) pin the content exactly, whereas

@@ -25,12 +25,12 @@ import torch
 from transformers import GPT2LMHeadModel, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import SuppressTokensLogitsProcessor
 
-from stages import authors_data, beam, cli, fidelity, gpt2, lora, speed
-from stages import params as P
-from stages import runtime
-from stages.cli import InputError
-from stages.gpt2 import EOS
-from stages.outputs import atomic_file, check_writable, write_json
+from stages.lib import authors_data, beam, cli, fidelity, gpt2, lora, speed
+from stages.lib import params as P
+from stages.lib import runtime
+from stages.lib.cli import InputError
+from stages.lib.gpt2 import EOS
+from stages.lib.outputs import atomic_file, check_writable, write_json
 
 KNOWN = ("search", "eos_ids", "num_beams", "length_penalty", "no_repeat_ngram_size", "max_new_tokens", "batch_size",
          "early_stopping", "ban_newlines")
@@ -83,7 +83,7 @@ def load_model(method: str, base: Path, model_dir: Path) -> GPT2LMHeadModel:
 
 def run_info(method: str, model_dir: Path, mrs: list[str], preds: list[str]) -> dict:
     """What the score stage adds to the metrics: what was trained, and how far the outputs follow their MRs
-    (stages/fidelity.py). Deterministic: timings go to --costs."""
+    (stages/lib/fidelity.py). Deterministic: timings go to --costs."""
     info = {"trainable_params": 0, "test_mrs": len(preds), **fidelity.fidelity(mrs, preds)}  # base: none trained
     if method != "base":
         path = model_dir / "train_info.json"
@@ -117,7 +117,7 @@ def generate(model, contexts: list[list[int]], cfg: dict, decode) -> list[str]:
     model.eval()
     start = time.perf_counter()
     if cfg["search"] == "authors":
-        # gpt2_beam.py's search (stages/beam.py), then gpt2_decode.py's cut at <|endoftext|> and a blank line.
+        # gpt2_beam.py's search (stages/lib/beam.py), then gpt2_decode.py's cut at <|endoftext|> and a blank line.
         ids = []
         for first in range(0, len(contexts), cfg["batch_size"]):  # batches of the search's own size: progress
             ids += beam.authors_beam_search(

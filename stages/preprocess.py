@@ -15,11 +15,11 @@ from pathlib import Path
 
 import datasets
 
-from stages import authors_data, cli
-from stages import params as P
-from stages.e2e import DataError, group_by_mr, parse_mr, read_e2e_csv
-from stages.gpt2 import load_tokenizer
-from stages.outputs import atomic_dir, check_writable
+from stages.lib import authors_data, cli
+from stages.lib import params as P
+from stages.lib.e2e import DataError, group_by_mr, parse_mr, read_e2e_csv
+from stages.lib.gpt2 import load_tokenizer
+from stages.lib.outputs import atomic_dir, check_writable
 
 FORMATS = ("paper", "equals")
 PROTOCOLS = ("authors", "e2e")

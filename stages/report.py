@@ -18,10 +18,10 @@ import pandas as pd
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from stages import cli  # noqa: E402
-from stages import params as P  # noqa: E402
-from stages.cli import InputError  # noqa: E402
-from stages.outputs import atomic_dir, atomic_file  # noqa: E402
+from stages.lib import cli  # noqa: E402
+from stages.lib import params as P  # noqa: E402
+from stages.lib.cli import InputError  # noqa: E402
+from stages.lib.outputs import atomic_dir, atomic_file  # noqa: E402
 
 METHODS = {"base": "pretrained only (no fine-tuning)", "lora": "LoRA", "full": "full fine-tuning"}
 # (key, header, decimals as the paper prints them); the score stage writes them in the paper's units (`--units paper`)
@@ -39,7 +39,7 @@ PROTOCOLS = {"authors": "the LoRA authors' protocol (their E2E text files, gpt2_
              "e2e": "the official E2E protocol (the challenge's CSVs and the official scorer's default Perl mode), "
                     "comparable with the E2E challenge's systems; the paper's rows used the authors' protocol"}
 GPT2_MEDIUM = {"n_layer": 24, "n_embd": 1024, "vocab_size": 50257}
-# MR fidelity (stages/fidelity.py), shown when the score stage wrote it: (key, header, format).
+# MR fidelity (stages/lib/fidelity.py), shown when the score stage wrote it: (key, header, format).
 FIDELITY = [("distinct_outputs", "distinct outputs", "{:.0f}"), ("name_realised", "name realised", "{:.0%}"),
             ("slots_realised", "slots realised", "{:.0%}")]
 
@@ -122,7 +122,7 @@ def fidelity_note(df: pd.DataFrame) -> list[str]:
         return []
     return ["MR fidelity (ours only): distinct outputs among the test MRs' outputs; share of outputs that contain "
             "their MR's name; share of all MR slot values realised, by an approximate pattern matcher "
-            "(stages/fidelity.py); means over seeds.", ""]
+            "(stages/lib/fidelity.py); means over seeds.", ""]
 
 
 def read_curve(path: Path) -> pd.DataFrame | None:

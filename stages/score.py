@@ -20,11 +20,11 @@ import signal
 import sys
 from pathlib import Path
 
-from stages import cli
-from stages.cli import InputError
-from stages.e2e import DataError, group_by_mr, read_e2e_csv, read_text
-from stages.outputs import atomic_file, check_writable
-from stages.scoring import METRICS, MODES, JavaError, ScoreError, score
+from stages.lib import cli
+from stages.lib.cli import InputError
+from stages.lib.e2e import DataError, group_by_mr, read_e2e_csv, read_text
+from stages.lib.outputs import atomic_file, check_writable
+from stages.lib.scoring import METRICS, MODES, JavaError, ScoreError, score
 
 __all__ = ["score", "in_units", "load_refs", "load_predictions", "main"]
 RESERVED = (*METRICS, "mode", "units")
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sys.stdout.write(text)
     except (DataError, JavaError, ScoreError) as e:
-        print(f"score: error: {e}", file=sys.stderr)  # the other stages' form (stages/cli.py)
+        print(f"score: error: {e}", file=sys.stderr)  # the other stages' form (stages/lib/cli.py)
         return 2
     return 0
 

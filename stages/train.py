@@ -22,11 +22,11 @@ from dvclive import Live
 from transformers import GPT2LMHeadModel, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import DVCLiveCallback
 
-from stages import checkpoints, cli, gpt2, lora, speed
-from stages import params as P
-from stages import runtime
-from stages.cli import InputError, RunError
-from stages.outputs import atomic_dir, check_writable, write_json
+from stages.lib import checkpoints, cli, gpt2, lora, speed
+from stages.lib import params as P
+from stages.lib import runtime
+from stages.lib.cli import InputError, RunError
+from stages.lib.outputs import atomic_dir, check_writable, write_json
 
 KNOWN = {
     "train": ("seeds", "epochs", "batch_size", "label_smoothing", "warmup_steps", "max_grad_norm", "adam_epsilon",

@@ -54,7 +54,7 @@ def write_csv(path: Path, rows, header=("mr", "ref")) -> Path:
 
 def sample_rows(name: str, n_mrs: int) -> list[tuple[str, str]]:
     """The first n_mrs MRs (all their references) of a shipped sample split."""
-    from stages.e2e import group_by_mr, read_e2e_csv
+    from stages.lib.e2e import group_by_mr, read_e2e_csv
 
     groups = group_by_mr(read_e2e_csv(SAMPLE / name))[:n_mrs]
     return [(mr, ref) for mr, refs in groups for ref in refs]

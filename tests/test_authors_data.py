@@ -1,4 +1,4 @@
-"""stages.authors_data: the LoRA authors' `MR||reference` E2E files, read as format_converting_e2e.py and
+"""stages.lib.authors_data: the LoRA authors' `MR||reference` E2E files, read as format_converting_e2e.py and
 gpt2_decode.py read them; blob-id verification; the shipped sample data/sample/."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from stages.authors_data import (BLOB_IDS, COMMIT, RAW_URLS, SPLITS, AuthorsDataError, cut_like_gpt2_decode,
+from stages.lib.authors_data import (BLOB_IDS, COMMIT, RAW_URLS, SPLITS, AuthorsDataError, cut_like_gpt2_decode,
                                  git_blob_id, group_references, parse_authors_text, read_authors_file)
-from stages.e2e import DataError, group_by_mr, read_e2e_csv
+from stages.lib.e2e import DataError, group_by_mr, read_e2e_csv
 
 from conftest import ROOT, SAMPLE
 

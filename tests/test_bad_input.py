@@ -21,7 +21,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import TOKENIZER, make_workspace, set_key, write_csv
-from stages import cli, preprocess
+from stages.lib import cli
+from stages import preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,7 +216,7 @@ def test_unknown_key_is_warned_about_by_name(params_file, capsys):
 
 def test_internal_errors_are_one_line_unless_debugging(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    code = "import sys; from stages import cli; sys.exit(cli.run('x', lambda argv: 1 / 0, []))"
+    code = "import sys; from stages.lib import cli; sys.exit(cli.run('x', lambda argv: 1 / 0, []))"
     quiet = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert quiet.returncode == 1 and "Traceback" not in quiet.stderr
     assert quiet.stderr.strip().startswith("x: internal error (ZeroDivisionError")
@@ -242,7 +243,7 @@ def test_outputs_get_the_users_umask(params_file, raw_dir, tmp_path):
 
 def test_an_exponent_without_a_dot_is_a_number_as_dvc_writes_it(tmp_path):
     """`dvc exp run -S train.adam_epsilon=1e-8` writes `1e-08`, a string to YAML 1.1 but a float to DVC."""
-    from stages import params as P
+    from stages.lib import params as P
     path = tmp_path / "params.yaml"
     path.write_text("train:\n  adam_epsilon: 1e-08\n  lr: 5e-5\n  n: 3\n  quoted: '1e-8'\n")
     train = P.load(path)["train"]
@@ -256,7 +257,7 @@ def test_an_exponent_without_a_dot_is_a_number_as_dvc_writes_it(tmp_path):
 ])
 def test_seed_lists_are_non_empty_distinct_and_non_negative(value, message):
     """report reads train.seeds (and generate its eos_ids) through this check: a duplicate would count twice."""
-    from stages import params as P
+    from stages.lib import params as P
     with pytest.raises(P.ParamError, match=re.escape(message)):
         P.distinct_ints({"train": {"seeds": value}}, "train.seeds", "seeds")
     assert P.distinct_ints({"train": {"seeds": [110, 111]}}, "train.seeds", "seeds") == [110, 111]

@@ -1,4 +1,4 @@
-"""stages.beam: the authors' beam search (microsoft/LoRA examples/NLG/src/gpt2_beam.py), specified by a plain reference.
+"""stages.lib.beam: the authors' beam search (microsoft/LoRA examples/NLG/src/gpt2_beam.py), specified by a plain reference.
 
 The reference below is written from the algorithm, not from our implementation: one context at a time, a Python
 loop over beams, a full forward pass per beam and step (no cache, no padding). The rules it encodes:
@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from stages.beam import _banned, authors_beam_search
+from stages.lib.beam import _banned, authors_beam_search
 
 VOCAB = 64
 EOS = (5, 9)

@@ -1,4 +1,4 @@
-"""Specification of stages/compare.py: sweep tables (paper Tables 5 and 6) from `dvc exp show --json`.
+"""Specification of stages/tools/compare.py: sweep tables (paper Tables 5 and 6) from `dvc exp show --json`.
 
 tests/fixtures/exp_show.json is real DVC 3.67.1 output from a throwaway repository whose stage wrote
 metrics/lora.json (fractions without a `units` key, as stages/score.py wrote them before it named its units) from params.yaml: a baseline commit (rank 4, seed 110), a
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import compare
+from stages.tools import compare
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -233,10 +233,10 @@ def test_cli_runs_dvc_exp_show_and_reports_its_failure_in_one_line(tmp_path):
                     f"cat {FIXTURES / 'exp_show.json'}\n")
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
-    ok = subprocess.run([sys.executable, "-m", "stages.compare", "--metrics", "metrics/lora.json"],
+    ok = subprocess.run([sys.executable, "-m", "stages.tools.compare", "--metrics", "metrics/lora.json"],
                         capture_output=True, text=True, env=env)
     assert ok.returncode == 0 and ok.stdout.startswith("| lora.rank |"), ok.stderr
-    bad = subprocess.run([sys.executable, "-m", "stages.compare"], capture_output=True, text=True,
+    bad = subprocess.run([sys.executable, "-m", "stages.tools.compare"], capture_output=True, text=True,
                          env={**env, "FAIL": "1"})
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.splitlines() == ["compare: error: dvc exp show --json failed (exit 1): "

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import cli, download
+from stages.lib import cli
+from stages import download
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REVISION = "0123456789abcdef0123456789abcdef01234567"

@@ -20,7 +20,8 @@ PACKAGE = "stages"
 
 
 def stage_modules() -> set[str]:
-    return {p.stem for p in (ROOT / PACKAGE).glob("*.py") if p.stem != "__init__"}
+    """`stages.<name>` for every module at the top of stages/: by the layout's rule, exactly the DVC stages."""
+    return {f"{PACKAGE}.{p.stem}" for p in (ROOT / PACKAGE).glob("*.py") if p.stem != "__init__"}
 
 
 def module_file(name: str) -> Path | None:
@@ -48,7 +49,7 @@ def imports_of(path: Path) -> set[str]:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names}  # `from stages import lora` imports a module
+            found |= {f"{base}.{a.name}" for a in node.names}  # `from stages.lib import lora` imports a module
     return {m for m in found if module_file(m)}
 
 
@@ -158,6 +159,20 @@ def test_stage_modules_never_import_each_other(stages):
 
 def test_closure_follows_from_imports_and_relative_imports(tmp_path):
     """The closure itself: module-level, function-level and `from stages import x` forms are all found."""
-    assert Path("stages/gpt2.py") in closure("stages.train")
-    assert Path("stages/cli.py") in closure("stages.train")  # via stages.params, transitively
+    assert Path("stages/lib/gpt2.py") in closure("stages.train")
+    assert Path("stages/lib/cli.py") in closure("stages.train")  # via stages.lib.params, transitively
     assert Path("stages/preprocess.py") not in closure("stages.train")
+
+
+def test_the_top_of_stages_holds_exactly_the_dvc_stages(stages):
+    """`ls stages/` shows the pipeline: every module there is a stage's command, every stage's command is there;
+    the library (stages/lib) and the hand-run tools (stages/tools) sit in their own packages."""
+    commands = {m for s in stages.values() for m in re.findall(r"python -m ([\w.]+)", s["cmd"])}
+    assert commands == stage_modules()
+
+
+def test_the_library_imports_no_stage_and_no_tool():
+    """stages/lib is what stages share: it never reaches up into a stage or a tool (no cycles, no hidden deps)."""
+    for path in sorted((ROOT / PACKAGE / "lib").rglob("*.py")):
+        up = {m for m in imports_of(path) if not m.startswith(f"{PACKAGE}.lib")}
+        assert up == set() or up == {PACKAGE}, f"{path.relative_to(ROOT)} imports {sorted(up)}"

@@ -1,4 +1,4 @@
-"""Specification of stages/export_peft.py: our adapter as a PEFT checkpoint that computes exactly what ours does.
+"""Specification of stages/tools/export_peft.py: our adapter as a PEFT checkpoint that computes exactly what ours does.
 
 Invariants first (PEFT's model == our adapted model == our merged model), then the layout, then bad input.
 Tiny seeded GPT-2 models on CPU; peft 0.21 loads the export.
@@ -18,9 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from stages import lora
-from stages.export_peft import CONFIG, WEIGHTS, ExportError, export
-from stages.gpt2 import base_identity
+from stages.lib import lora
+from stages.tools.export_peft import CONFIG, WEIGHTS, ExportError, export
+from stages.lib.gpt2 import base_identity
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft vs transformers 5
@@ -192,7 +192,7 @@ def test_an_existing_directory_that_is_not_an_export_is_never_replaced(base, tmp
 def test_cli_writes_the_export_and_bad_input_exits_2_with_one_line(base, tmp_path):
     write_adapter(base, tmp_path / "a.safetensors", ("q", "v"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "stages.export_peft", "--base", str(base), "--out", str(tmp_path / "peft")]
+    cmd = [sys.executable, "-m", "stages.tools.export_peft", "--base", str(base), "--out", str(tmp_path / "peft")]
     ok = subprocess.run(cmd + ["--adapter", str(tmp_path / "a.safetensors")], capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr
     assert "PEFT loads it" in ok.stderr and (tmp_path / "peft" / WEIGHTS).is_file()

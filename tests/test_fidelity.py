@@ -1,4 +1,4 @@
-"""MR fidelity (stages/fidelity.py): an approximate slot matcher, specified on hand-made cases and on the
+"""MR fidelity (stages/lib/fidelity.py): an approximate slot matcher, specified on hand-made cases and on the
 sample's own human references."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.e2e import group_by_mr, parse_mr, read_e2e_csv
-from stages.fidelity import KEYS, fidelity, main, realised
+from stages.lib.e2e import group_by_mr, parse_mr, read_e2e_csv
+from stages.lib.fidelity import KEYS, fidelity, main, realised
 
 ROOT = Path(__file__).resolve().parents[1]
 MR = "name[The Eagle], eatType[coffee shop], food[French], area[riverside], familyFriendly[yes], near[Café Rouge]"
@@ -121,7 +121,7 @@ def test_cli_names_the_file_when_line_counts_differ(tmp_path):
 
 def test_authors_mr_syntax_gives_the_official_slots():
     """The authors' text re-serialises MRs; fidelity reads both, with the same slot keys and values."""
-    from stages.fidelity import mr_slots as slots
+    from stages.lib.fidelity import mr_slots as slots
     official = "name[Cotto], eatType[coffee shop], priceRange[£20-25], familyFriendly[yes], customer rating[low]"
     authors = "name : Cotto | Type : coffee shop | price : £ 20 - 25 | family friendly : yes | customer rating : low"
     assert slots(authors) == slots(official)

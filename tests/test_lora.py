@@ -1,4 +1,4 @@
-"""Specification of stages/lora.py: LoRA on GPT-2's W_q and W_v (Hu et al. 2021, section 4.2, Table 11).
+"""Specification of stages/lib/lora.py: LoRA on GPT-2's W_q and W_v (Hu et al. 2021, section 4.2, Table 11).
 
 Invariants first (what makes the adapter trustworthy), then the API around it. Tiny random GPT-2 models on CPU.
 """
@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 from transformers.pytorch_utils import Conv1D
 
-from stages.lora import (LoRAConv1D, add_lora, count_trainable, load_adapter, lora_config, lora_state_dict,
+from stages.lib.lora import (LoRAConv1D, add_lora, count_trainable, load_adapter, lora_config, lora_state_dict,
                          merge_lora, save_adapter)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,7 +288,7 @@ def test_adapter_file_bytes_are_identical_across_processes(base, tmp_path):
     """DVC hashes models/lora: the same weights must give the same bytes, in any process (metadata order)."""
     path = tmp_path / "a.safetensors"
     save_adapter(add_lora(copy.deepcopy(base), rank=RANK, alpha=32, targets=("q", "k", "v", "o")), path, base="b")
-    code = ("import sys, torch; from transformers import GPT2LMHeadModel; from stages import lora; "
+    code = ("import sys, torch; from transformers import GPT2LMHeadModel; from stages.lib import lora; "
             "from tests.test_lora import tiny_config; m = GPT2LMHeadModel(tiny_config()); "
             "lora.load_adapter(m, sys.argv[1]); lora.save_adapter(m, sys.argv[2], base='b')")
     digests = set()

@@ -7,10 +7,11 @@ import datasets
 import pytest
 
 from conftest import TOKENIZER, write_csv
-from stages import authors_data, preprocess
-from stages.e2e import DataError, group_by_mr, read_e2e_csv
-from stages.gpt2 import EOS, collate, load_tokenizer
-from stages.params import ParamError
+from stages.lib import authors_data
+from stages import preprocess
+from stages.lib.e2e import DataError, group_by_mr, read_e2e_csv
+from stages.lib.gpt2 import EOS, collate, load_tokenizer
+from stages.lib.params import ParamError
 
 MR = "name[The Eagle], eatType[coffee shop], food[French]"
 REF = "The Eagle is a French coffee shop."

@@ -10,7 +10,7 @@ import statistics
 import pytest
 
 from stages import report
-from stages.cli import InputError
+from stages.lib.cli import InputError
 
 METRICS = {"bleu": 2, "nist": 4, "meteor": 2, "rouge_l": 2, "cider": 4}  # decimals, as Table 3 prints them
 

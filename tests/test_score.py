@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-import stages.scoring as scoring
+import stages.lib.scoring as scoring
 from stages import score as score_cli
-from stages.e2e import DataError
-from stages.scoring import meteor as meteor_mod, mteval, paraphrase
-from stages.scoring.meteor import JavaError
-from stages.scoring.ptb import coco_tokenize
+from stages.lib.e2e import DataError
+from stages.lib.scoring import meteor as meteor_mod, mteval, paraphrase
+from stages.lib.scoring.meteor import JavaError
+from stages.lib.scoring.ptb import coco_tokenize
 from stages.score import load_predictions, load_refs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +202,7 @@ def test_cli_warns_on_empty_predictions_merges_extra_and_writes_atomically(tmp_p
     assert "collide" in capsys.readouterr().err
 
 
-# --- METEOR with a filtered paraphrase table (stages/scoring/paraphrase.py) -----------------------------------------
+# --- METEOR with a filtered paraphrase table (stages/lib/scoring/paraphrase.py) -----------------------------------------
 
 meteor_table = paraphrase  # the module's former name
 

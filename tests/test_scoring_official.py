@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-import stages.scoring as scoring
+import stages.lib.scoring as scoring
 from stages.score import load_predictions, load_refs
-from stages.scoring import mteval
+from stages.lib.scoring import mteval
 from scoring_variants import variant
 
 ROOT = Path(__file__).resolve().parents[1]

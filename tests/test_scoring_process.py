@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-import stages.scoring as scoring
-from stages import outputs
+import stages.lib.scoring as scoring
+from stages.lib import outputs
 from stages import score as score_cli
-from stages.e2e import DataError
+from stages.lib.e2e import DataError
 from stages.score import load_refs
-from stages.scoring.meteor import MeteorResult
+from stages.lib.scoring.meteor import MeteorResult
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "scoring"
@@ -157,7 +157,7 @@ def test_read_only_folder_fails_before_scoring(cli, tmp_path, capsys):
 def test_a_failed_write_is_one_line_and_leaves_nothing(cli, tmp_path, capsys, monkeypatch):
     def full_disk(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(outputs.os, "replace", full_disk)  # the rename that publishes stages/outputs' atomic file
+    monkeypatch.setattr(outputs.os, "replace", full_disk)  # the rename that publishes stages/lib/outputs' atomic file
     out = tmp_path / "out" / "scores.json"
     out.parent.mkdir()
     assert cli("--output", str(out)) == 2
@@ -238,7 +238,7 @@ def test_score_stage_takes_the_mode_from_params_and_depends_on_the_scoring_packa
     for stage in (stages["score"], stages["score-base"]):
         assert {"score.mode", "protocol"} <= set(stage["params"])
         assert "--mode ${score.mode} --protocol ${protocol} --units paper" in stage["cmd"]
-        assert {"stages/scoring", "stages/score.py", "stages/e2e.py"} <= set(stage["deps"])
+        assert {"stages/lib/scoring", "stages/score.py", "stages/lib/e2e.py"} <= set(stage["deps"])
 
 
 @pytest.mark.parametrize("protocol, mode", [("authors", "python"), ("e2e", "perl")])

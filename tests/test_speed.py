@@ -1,4 +1,4 @@
-"""stages/speed.py: the `speed:` params section, its device rules, and what it hands to transformers and torch."""
+"""stages/lib/speed.py: the `speed:` params section, its device rules, and what it hands to transformers and torch."""
 from __future__ import annotations
 
 import copy
@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from stages import params as P
-from stages import speed
+from stages.lib import params as P
+from stages.lib import speed
 
 
 def params_with(**speed_overrides) -> dict:

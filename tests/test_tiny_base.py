@@ -1,13 +1,13 @@
-"""The demo's stand-in base (stages/tiny_base.py, issue 11): the copy task's data,
+"""The demo's stand-in base (stages/tools/tiny_base.py, issue 11): the copy task's data,
 the copy-accuracy measure and the gate that refuses a base which does not copy."""
 from __future__ import annotations
 
 import torch
 
 from conftest import SAMPLE, TOKENIZER
-from stages import cli
-from stages.gpt2 import EOS
-from stages.tiny_base import copy_accuracy, copy_batch, copy_candidates, main, schedule
+from stages.lib import cli
+from stages.lib.gpt2 import EOS
+from stages.tools.tiny_base import copy_accuracy, copy_batch, copy_candidates, main, schedule
 
 TOKENS = torch.arange(EOS)
 

@@ -11,8 +11,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import TOKENIZER
-from stages import generate, gpt2, lora, preprocess, train
-from stages.params import ParamError
+from stages import generate, preprocess, train
+from stages.lib import gpt2, lora
+from stages.lib.params import ParamError
 
 TINY = dict(vocab_size=50257, n_positions=128, n_embd=16, n_layer=1, n_head=2)
 
@@ -216,7 +217,7 @@ def test_adam_epsilon_param_reaches_the_optimizer(params_file, base_dir, tmp_pat
 
 @pytest.mark.parametrize("search", ["authors", "transformers"])
 def test_generate_search_param_picks_the_decoder(params_file, monkeypatch, search):
-    """generate.search reaches the decoder: the authors' search (stages/beam.py) or transformers' generate()."""
+    """generate.search reaches the decoder: the authors' search (stages/lib/beam.py) or transformers' generate()."""
     cfg = generate.read_config(params_file(generate__search=search))
     called = []
     monkeypatch.setattr(generate.beam, "authors_beam_search", lambda *a, **k: called.append("authors") or [[1]])

@@ -1,12 +1,12 @@
 """export_peft: write our LoRA adapter as a PEFT checkpoint, loadable with `PeftModel.from_pretrained`.
 
-    python -m stages.export_peft --adapter models/lora/adapter.safetensors --base models/base --out DIR
+    python -m stages.tools.export_peft --adapter models/lora/adapter.safetensors --base models/base --out DIR
 
 DIR gets adapter_config.json and adapter_model.safetensors; then, with transformers and peft:
 `PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(<the base>), DIR)` computes what our adapted model
 computes. Not a DVC stage: a tool to take a trained adapter elsewhere.
 
-The mapping is exact, not an approximation. Ours (stages/lora.py) gives each target t of the fused c_attn its own
+The mapping is exact, not an approximation. Ours (stages/lib/lora.py) gives each target t of the fused c_attn its own
 A_t (r, d) and B_t (d, r), added to t's column block: y[:, block_t] += (alpha / r) · x A_tᵀ B_tᵀ. PEFT's LoRA on a
 layer is one pair A (R, d_in), B (d_out, R): y += (alpha_P / R) · x Aᵀ Bᵀ. With the T targets of c_attn,
 R = T·r, A = [A_t stacked] (T·r, d) and B (3d, T·r) block-diagonal, B[block_t, slot_t] = B_t and zero elsewhere
@@ -28,10 +28,10 @@ from safetensors.torch import save_file
 from transformers import GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
-from stages import cli, lora
-from stages.cli import InputError
-from stages.outputs import atomic_dir
-from stages.gpt2 import base_identity
+from stages.lib import cli, lora
+from stages.lib.cli import InputError
+from stages.lib.outputs import atomic_dir
+from stages.lib.gpt2 import base_identity
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 MODULES = {"c_attn": "attn.c_attn", "c_proj": "attn.c_proj"}  # PEFT target suffixes; mlp.c_proj stays untouched
@@ -85,7 +85,7 @@ def peft_config(cfg: dict, ranks: dict[str, int], identity: dict) -> dict:
 
 
 def load_ours(adapter: Path, base: Path) -> GPT2LMHeadModel:
-    """The base with our adapter applied (unmerged), after stages.lora's format, base-identity and shape checks."""
+    """The base with our adapter applied (unmerged), after stages.lib.lora's format, base-identity and shape checks."""
     for f in ("config.json", "model.safetensors", "identity.json"):
         if not (base / f).is_file():
             raise ExportError(f"--base: {base / f}: no such file (expected the download stage's model directory)")

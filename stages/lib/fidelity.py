@@ -15,7 +15,7 @@ priceRange, customer rating and familyFriendly accept a few common realisations.
 paraphrases, and a value that appears in a wrong context (e.g. "not family-friendly" is caught, "low prices" for
 a low rating is not) still counts. Use it to compare systems on the same MRs, not as an absolute error rate.
 
-    python -m stages.fidelity --refs data/raw/test.csv --predictions data/predictions/lora.txt [...]
+    python -m stages.lib.fidelity --refs data/raw/test.csv --predictions data/predictions/lora.txt [...]
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import re
 import sys
 import unicodedata
 
-from stages import cli
-from stages.e2e import DataError, group_by_mr, parse_mr, read_e2e_csv, read_text
+from stages.lib import cli
+from stages.lib.e2e import DataError, group_by_mr, parse_mr, read_e2e_csv, read_text
 
 KEYS = ("distinct_outputs", "name_realised", "slots_realised")
 

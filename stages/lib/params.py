@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from stages.cli import InputError
+from stages.lib.cli import InputError
 
 
 class ParamError(InputError):

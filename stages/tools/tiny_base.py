@@ -22,7 +22,7 @@ vocabulary): a base below `--min-copy-accuracy` fails loudly (exit 1, nothing wr
 Not a DVC stage: its output is a local model directory that the `download` stage copies like any local GPT-2
 (`model.name: <dir>`). With a hub model id nothing here runs.
 
-    python -m stages.tiny_base --train data/sample/trainset.csv --tokenizer data/gpt2/tokenizer.json --out base
+    python -m stages.tools.tiny_base --train data/sample/trainset.csv --tokenizer data/gpt2/tokenizer.json --out base
 """
 from __future__ import annotations
 
@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from stages import cli, runtime
-from stages.e2e import DataError, read_e2e_csv
-from stages.gpt2 import EOS, collate, load_tokenizer
-from stages.outputs import atomic_dir
+from stages.lib import cli, runtime
+from stages.lib.e2e import DataError, read_e2e_csv
+from stages.lib.gpt2 import EOS, collate, load_tokenizer
+from stages.lib.outputs import atomic_dir
 
 
 def copy_candidates(batch: dict, vocab_size: int, negatives: int, gen: torch.Generator) -> torch.Tensor:
@@ -119,7 +119,7 @@ def describe(args, n_refs: int) -> str:
     return (f"{args.copy_steps} steps of copying spans of {args.copy_length} random GPT-2 tokens, then "
             f"{args.epochs:g} epochs of plain language modelling on the {n_refs} references of the sample's "
             f"training split, without their MRs, with {args.copy_mix} copy sequences per step (no MR syntax, no "
-            "test text; stages/tiny_base.py).")
+            "test text; stages/tools/tiny_base.py).")
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from stages.cli import InputError
+from stages.lib.cli import InputError
 
 
 def _umask() -> int:

@@ -21,7 +21,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from stages.e2e import DataError
+from stages.lib.e2e import DataError
 
 COMMIT = "c4593f060e6a368d7bb5af5273b8e42810cdef90"
 SPLITS = ("train.txt", "valid.txt", "test.txt")

@@ -20,7 +20,7 @@ import contextlib
 
 import torch
 
-from stages import params as P
+from stages.lib import params as P
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 KEYS = ("precision", "compile", "dataloader_workers", "pin_memory", "group_by_length")

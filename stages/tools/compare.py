@@ -1,6 +1,6 @@
 """compare: the paper's sweep tables from DVC experiments, e.g. metrics by LoRA rank (Table 6) or targets (Table 5).
 
-    python -m stages.compare [--by lora.rank] [--metrics 'metrics/scores/lora-s*.json'] [--plot rank.png] [--json FILE]
+    python -m stages.tools.compare [--by lora.rank] [--metrics 'metrics/scores/lora-s*.json'] [--plot rank.png] [--json FILE]
 
 Reads `dvc exp show --json` (or FILE, saved from it) with pandas and prints a Markdown table: one row per value of
 the --by parameter, the five E2E metrics in the paper's units (BLEU, METEOR, ROUGE-L in %, NIST and CIDEr raw),
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages import cli
-from stages.cli import InputError
+from stages.lib import cli
+from stages.lib.cli import InputError
 
 # key in the metrics file, column title, factor to the paper's units for a fraction file, decimals (paper Table 3).
 # A metrics file names its units (stages/score.py --units); one without the key is the scorer's fractions.

@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 
-from stages.e2e import DataError
-from stages.scoring import coco, mteval
-from stages.scoring.meteor import JavaError, Meteor
-from stages.scoring.ptb import coco_tokenize
+from stages.lib.e2e import DataError
+from stages.lib.scoring import coco, mteval
+from stages.lib.scoring.meteor import JavaError, Meteor
+from stages.lib.scoring.ptb import coco_tokenize
 
 __all__ = ["METRICS", "MODES", "DataError", "JavaError", "ScoreError", "score"]
 METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")

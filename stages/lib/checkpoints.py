@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from stages.outputs import sha256_file
+from stages.lib.outputs import sha256_file
 
 FINGERPRINT = "fingerprint.json"
 

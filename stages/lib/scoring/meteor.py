@@ -1,5 +1,5 @@
 """METEOR 1.5 as pycocoevalcap runs it for the E2E scorer (one JVM, `-stdio -l en -norm`), with the paraphrase
-table cut down to the input (stages/scoring/paraphrase.py: same scores, the JVM starts in about a second).
+table cut down to the input (stages/lib/scoring/paraphrase.py: same scores, the JVM starts in about a second).
 
 The JVM never outlives us: it gets SIGKILL from the kernel when the thread that started it dies (Linux
 `prctl(PR_SET_PDEATHSIG)`, set between fork and exec), so a scorer killed by SIGKILL or the OOM killer leaves no JVM
@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-from stages.scoring import paraphrase
-from stages.scoring.paraphrase import METEOR_JAR, PARAPHRASE_TABLE
+from stages.lib.scoring import paraphrase
+from stages.lib.scoring.paraphrase import METEOR_JAR, PARAPHRASE_TABLE
 
 JAVA_INSTALL_HINT = "install a Java runtime, e.g. `apt-get install default-jre-headless`"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -134,7 +134,7 @@ def _run_meteor(proc: subprocess.Popen, refs: list[list[str]], hyps: list[str], 
 
 class Meteor:
     """One METEOR 1.5 run, started before its input is known. With `filtered`, METEOR gets only the paraphrase-table
-    entries that can match the input (identical scores; stages/scoring/paraphrase.py): its table argument is a named
+    entries that can match the input (identical scores; stages/lib/scoring/paraphrase.py): its table argument is a named
     pipe, so the JVM boots and loads WordNet while Python tokenizes and filters, then reads the filtered table from
     the pipe. Any failure in filtering falls back to a JVM with the full table (slow, same scores). Without named
     pipes (Windows) the filtered table goes through a temporary file and the JVM starts when the input is known."""

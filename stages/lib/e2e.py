@@ -10,7 +10,7 @@ import io
 import re
 from pathlib import Path
 
-from stages.cli import InputError
+from stages.lib.cli import InputError
 
 # One MR slot: `key[value]`, key letters and spaces, value anything but brackets; slots separated by commas.
 _SLOT = re.compile(r"\s*([A-Za-z][A-Za-z ]*?)\s*\[([^\[\]]*)\]\s*")

@@ -156,7 +156,7 @@ def authors_beam_search(model, contexts: list[list[int]], *, num_beams: int, len
     (`--eos_token_id 628` appended to the default [50256], gpt2_beam.py line 77). Outputs do not depend on
     batch_size (speed and memory only). The returned ids stop before the first EOS id. gpt2_decode.py (line 131)
     then cuts the decoded text at "<|endoftext|>" and "\\n\\n" and strips it: decode without skipping special
-    tokens and apply stages.authors_data.cut_like_gpt2_decode (a "\\n\\n" may also come from other tokens).
+    tokens and apply stages.lib.authors_data.cut_like_gpt2_decode (a "\\n\\n" may also come from other tokens).
     """
     if num_beams < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ValueError("num_beams, max_new_tokens and batch_size must be >= 1")

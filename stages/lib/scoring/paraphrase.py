@@ -1,6 +1,6 @@
 """METEOR 1.5's paraphrase table cut down to the entries that can match a given input, so that its JVM starts in about
 a second instead of spending ~10 s loading all 5.3 M entries of `paraphrase-en.gz`; scores are unchanged.
-Used by stages.scoring.meteor.Meteor; `python -m stages.scoring` builds the index ahead of the first use.
+Used by stages.lib.scoring.meteor.Meteor; `python -m stages.lib.scoring` builds the index ahead of the first use.
 
 Why that is exact (METEOR 1.5 source, `edu.cmu.meteor.aligner`): `ParaphraseTransducer` reads the table as three
 lines per entry (a probability it reads and discards, a phrase, its paraphrase), splits each phrase with

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from stages.cli import InputError, RunError
+from stages.lib.cli import InputError, RunError
 
 EOS = 50256
 

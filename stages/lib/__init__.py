@@ -1,0 +1,1 @@
+"""Library modules the DVC stages share; none of them is a stage or imports one."""

@@ -1,4 +1,0 @@
-"""python -m stages.scoring: build METEOR's paraphrase-table index now (e.g. in setup), not on the first scoring."""
-from stages.scoring.paraphrase import PARAPHRASE_TABLE, ensure_index
-
-print(ensure_index(PARAPHRASE_TABLE))
