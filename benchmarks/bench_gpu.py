@@ -300,8 +300,9 @@ def measure_decode(decoder, tok, shape: dict, contexts: list, device: str, preci
 
 def skip_reason(o: dict, device: str) -> str | None:
     try:
-        speed.resolve({"precision": o["precision"], "compile": o["compile"], "dataloader_workers": o["workers"],
-                       "pin_memory": o["pin"], "group_by_length": o["group"]}, device)
+        speed.resolve(P.Speed(precision=o["precision"], compile=o["compile"], group_by_length=o["group"]),
+                      P.Runtime(dataloader_workers=o["workers"], pin_memory=o["pin"], checkpoint_steps=0,
+                                generate_batch_size=1), device)
     except P.ParamError as e:
         return f"refused on this device: {e}"
     if o["compile"] and device != "cuda":

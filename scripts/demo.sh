@@ -16,13 +16,13 @@ start=$SECONDS
 # (which are tuned for 42k examples x 5 epochs on GPT-2 Medium). Everything else is params.yaml's default.
 overrides=(
   data.source=data/sample
-  model.name=base-model
+  model.source=base-model
   'train.seeds=[110]'
   train.epochs=2
   train.warmup_steps=20
   lora.lr=0.005
   full.lr=0.0005
-  generate.batch_size=20
+  runtime.generate_batch_size=20
 )
 # Tests shrink the demo further through these two (space-separated): extra overrides, extra tiny_base args.
 read -r -a extra <<< "${DEMO_OVERRIDES:-}"
@@ -45,6 +45,7 @@ git init -q
 git config user.email demo@localhost
 git config user.name demo
 dvc init -q
+cp "$here/.dvcignore" .dvcignore  # byte code and editor files are not sources: `dvc status` stays clean
 dvc config core.autostage true
 dvc config core.analytics false
 cp -r "$here/.dvc/plots" .dvc/plots  # DVC's plots page with Vega inlined: `dvc plots show` renders offline

@@ -32,32 +32,20 @@ from stages.lib.cli import InputError
 from stages.lib.gpt2 import EOS
 from stages.lib.outputs import atomic_file, check_writable, write_json
 
-KNOWN = ("search", "eos_ids", "num_beams", "length_penalty", "no_repeat_ngram_size", "max_new_tokens", "batch_size",
-         "early_stopping", "ban_newlines")
-SEARCHES = ("authors", "transformers")
+def config(p: P.Params, method: str) -> dict:
+    """What the outputs depend on: exactly the keys dvc.yaml declares for generate-base / generate@<method>-<seed>
+    (the model itself comes in as a file)."""
+    return {"decode": P.decode(p, method).model_dump(),
+            "speed": {"precision": p.speed.precision, "compile": p.speed.compile}}
 
 
-def read_config(params: dict, method: str = "base") -> dict:
-    """The decoding settings; a method's own `<method>.generate` keys (full.generate) replace the shared ones."""
-    P.warn_unknown(params, "generate", KNOWN)
-    if method in ("lora", "full"):
-        params = P.with_overrides(params, method, "generate", KNOWN)
-    cfg = {
-        "speed": speed.resolve(speed.read_config(params), speed.device_type()),
-        "num_beams": P.number(params, "generate.num_beams", kind=int, min=1),
-        "length_penalty": P.number(params, "generate.length_penalty"),
-        "no_repeat_ngram_size": P.number(params, "generate.no_repeat_ngram_size", kind=int, min=0),
-        "max_new_tokens": P.number(params, "generate.max_new_tokens", kind=int, min=1),
-        "batch_size": P.number(params, "generate.batch_size", kind=int, min=1),
-        "early_stopping": P.choice(params, "generate.early_stopping", (True, False, "never")),
-        "search": P.choice(params, "generate.search", SEARCHES),
-        "eos_ids": P.distinct_ints(params, "generate.eos_ids", "token ids"),
-        "ban_newlines": P.choice(params, "generate.ban_newlines", (True, False)),
-    }
-    if cfg["ban_newlines"] and cfg["search"] != "transformers":
-        raise P.ParamError("generate.ban_newlines needs generate.search: transformers (Li & Liang's decoding); "
-                           "gpt2_beam.py bans no tokens")
-    return cfg
+def read_config(params: dict | P.Params, method: str = "base") -> dict:
+    """The decoding settings, flat: `config`'s, with `generate.<method>` laid over the shared ones, and the
+    runtime's batch size (which changes no output: tests/test_train_generate.py)."""
+    p = params if isinstance(params, P.Params) else P.validate(params)
+    cfg = config(p, method)
+    run = speed.resolve(p.speed, p.runtime, speed.device_type())
+    return {**cfg["decode"], "speed": run, "batch_size": p.runtime.generate_batch_size}
 
 
 def newline_ids(tok) -> list[int]:
@@ -175,7 +163,7 @@ def main(argv=None) -> int:
     runtime.keep_freed_memory()
     datasets.disable_progress_bars()
 
-    cfg = read_config(P.load(), args.method)
+    cfg = read_config(P.read(), args.method)
     base, model_dir, out = Path(args.base), Path(args.model), Path(args.out)
     for path in (out, args.costs):
         check_writable(path)

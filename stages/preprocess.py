@@ -1,4 +1,4 @@
-"""preprocess: E2E CSVs -> token ids for training (train, validation) and one context per test MR.
+"""preprocess: the protocol's E2E files -> token ids for training (train, validation) and one context per test MR.
 
 Input format (`preprocess.format`):
 - `paper` (default) follows microsoft/LoRA's examples/NLG (gpt2_encode.py with --add_bos --add_eos): the MR is
@@ -10,23 +10,31 @@ The loss covers the completion and its EOS only (context masked, paper section 5
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import datasets
 
-from stages.lib import authors_data, cli
+from stages.lib import cli
 from stages.lib import params as P
-from stages.lib.e2e import DataError, group_by_mr, parse_mr, read_e2e_csv
+from stages.lib.e2e import DataError
 from stages.lib.gpt2 import load_tokenizer
 from stages.lib.outputs import atomic_dir, check_writable
+from stages.lib.protocols import PROTOCOLS
 
-FORMATS = ("paper", "equals")
-PROTOCOLS = ("authors", "e2e")
-# download's output names per protocol: the authors' text files, or the official CSVs.
-FILES = {"authors": {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"},
-         "e2e": {"train": "train.csv", "validation": "dev.csv", "test": "test.csv"}}
-KNOWN = ("format", "max_length")
+
+def config(p: P.Params) -> dict:
+    return {"protocol": p.protocol, "format": p.preprocess.format, "max_length": p.preprocess.max_length}
+
+
+def n_positions(base: Path) -> int:
+    """How many positions the base model has (config.json): no example may be longer."""
+    path = base / "config.json"
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8"))["n_positions"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: cannot read n_positions ({e!r})") from None
 
 
 def encode_contexts(tok, mrs: list[str], fmt: str) -> list[list[int]]:
@@ -41,20 +49,6 @@ def encode_batch(batch: dict, tok, fmt: str) -> dict:
     completions = tok([" " + ref for ref in batch["ref"]])["input_ids"]
     return {"input_ids": [c + r + [tok.eos_token_id] for c, r in zip(contexts, completions)],
             "n_context": [len(c) for c in contexts]}
-
-
-def check_rows(rows: list[tuple[str, str]], path: Path, need_ref: bool = True) -> None:
-    """Reject what would otherwise be silently learned or scored wrong: empty splits, MRs, refs, bad MRs."""
-    if not rows:
-        raise DataError(f"{path}: empty split (no data rows)")
-    for i, (mr, ref) in enumerate(rows, start=1):
-        where = f"{path}: data row {i} (line {i + 1})"
-        try:
-            parse_mr(mr)
-        except ValueError as e:
-            raise DataError(f"{where}: {e}") from None
-        if need_ref and not ref:
-            raise DataError(f"{where}: empty reference")
 
 
 def check_lengths(lengths: list[int], max_length: int, path: Path, what: str = "data row") -> None:
@@ -72,21 +66,6 @@ def encode_split(rows: list[tuple[str, str]], tok, fmt: str) -> datasets.Dataset
                      remove_columns=["mr", "ref"], new_fingerprint=f"encode-{fmt}")
 
 
-def read_split(path: Path, protocol: str) -> list[tuple[str, str]]:
-    """(MR, reference) rows, validated: the authors' `MR||reference` lines, or an official CSV (MRs parsed)."""
-    if protocol == "authors":
-        return authors_data.read_authors_file(path)  # checks each line, naming file and line
-    rows = read_e2e_csv(path)
-    check_rows(rows, path)
-    return rows
-
-
-def test_groups(rows: list[tuple[str, str]], protocol: str) -> list[tuple[str, list[str]]]:
-    """One entry per test MR, in order of first appearance, with the references the scorer compares against:
-    the authors' cut as gpt2_decode.py does (authors), or the CSV's as the official scorer reads them (e2e)."""
-    return authors_data.group_references(rows) if protocol == "authors" else group_by_mr(rows)
-
-
 def refs_text(groups: list[tuple[str, list[str]]], path: Path) -> str:
     """The scorers' multi-reference text format: an MR's references on consecutive lines, a blank line between."""
     for mr, refs in groups:
@@ -98,37 +77,34 @@ def refs_text(groups: list[tuple[str, list[str]]], path: Path) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--raw", required=True, help="directory with train.csv, dev.csv, test.csv")
-    ap.add_argument("--tokenizer", required=True, help="tokenizer.json of the base model")
+    ap.add_argument("--raw", required=True, help="download-data's output: the protocol's three files")
+    ap.add_argument("--base", required=True, help="download-model's output: tokenizer.json and config.json")
     ap.add_argument("--out", required=True, help="output directory (Arrow datasets train/, validation/, test/; "
                     "test-refs.txt, the test references grouped by MR for the score stage)")
     args = ap.parse_args(argv)
     datasets.disable_progress_bars()
 
-    params = P.load()
-    P.warn_unknown(params, "preprocess", KNOWN)
-    protocol = P.choice(params, "protocol", PROTOCOLS)
-    fmt = P.choice(params, "preprocess.format", FORMATS)
-    max_length = P.number(params, "preprocess.max_length", kind=int, min=8)
+    cfg = config(P.read())
+    protocol, fmt, max_length = PROTOCOLS[cfg["protocol"]], cfg["format"], cfg["max_length"]
+    positions = n_positions(Path(args.base))
+    if max_length > positions:  # a longer example could not be trained or decoded: say so before any work
+        raise P.ParamError(f"preprocess.max_length={max_length} > the base model's {positions} positions "
+                           f"({Path(args.base) / 'config.json'})")
     check_writable(args.out)
 
-    raw, files = Path(args.raw), FILES[protocol]
-    # Read and validate everything before writing anything.
-    splits = {split: read_split(raw / name, protocol) for split, name in files.items()}
-    for split, rows in splits.items():
-        if not rows:
-            raise DataError(f"{raw / files[split]}: empty split (no data rows)")
-
-    tok = load_tokenizer(args.tokenizer)
+    raw = Path(args.raw)
+    paths = {split: raw / protocol.raw_name(split) for split in protocol.files}
+    splits = {split: protocol.read(path) for split, path in paths.items()}  # every file checked before any work
+    tok = load_tokenizer(Path(args.base) / "tokenizer.json")
     encoded = {}
     for split in ("train", "validation"):
         encoded[split] = encode_split(splits[split], tok, fmt)
-        check_lengths([len(ids) for ids in encoded[split]["input_ids"]], max_length, raw / files[split])
-    groups = test_groups(splits["test"], protocol)
-    refs = refs_text(groups, raw / files["test"])
+        check_lengths([len(ids) for ids in encoded[split]["input_ids"]], max_length, paths[split])
+    groups = protocol.group(splits["test"])
+    refs = refs_text(groups, paths["test"])
     contexts = encode_contexts(tok, [mr for mr, _ in groups], fmt)
     # A test context longer than max_length would only fail in generate, after training: fail here.
-    check_lengths([len(c) for c in contexts], max_length, raw / files["test"], what="test MR")
+    check_lengths([len(c) for c in contexts], max_length, paths["test"], what="test MR")
     encoded["test"] = datasets.Dataset.from_dict(
         {"mr": [mr for mr, _ in groups], "refs": [r for _, r in groups], "context_ids": contexts})
 
@@ -137,8 +113,9 @@ def main(argv=None) -> int:
             table.save_to_disk(str(out / split))
         (out / "test-refs.txt").write_text(refs, encoding="utf-8")
     counts = {s: len(v) for s, v in encoded.items()}
-    print(f"preprocess: protocol={protocol}, format={fmt}, {counts['train']} train / {counts['validation']} "
-          f"validation examples, {counts['test']} test MRs ({len(splits['test'])} references) -> {args.out}", file=sys.stderr)
+    print(f"preprocess: protocol={protocol.name}, format={fmt}, {counts['train']} train / {counts['validation']} "
+          f"validation examples, {counts['test']} test MRs ({len(splits['test'])} references) -> {args.out}",
+          file=sys.stderr)
     return 0
 
 

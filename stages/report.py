@@ -21,7 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from stages.lib import cli  # noqa: E402
 from stages.lib import params as P  # noqa: E402
 from stages.lib.cli import InputError  # noqa: E402
-from stages.lib.outputs import atomic_dir, atomic_file  # noqa: E402
+from stages.lib.outputs import atomic_dir, atomic_file, write_json  # noqa: E402
+from stages.lib.protocols import PROTOCOLS  # noqa: E402
 
 METHODS = {"base": "pretrained only (no fine-tuning)", "lora": "LoRA", "full": "full fine-tuning"}
 # (key, header, decimals as the paper prints them); the score stage writes them in the paper's units (`--units paper`)
@@ -34,14 +35,14 @@ PAPER = {
     "lora": {"params": "0.35M", "bleu": "70.4±.1", "nist": "8.85±.02", "meteor": "46.8±.2", "rouge_l": "71.8±.1",
              "cider": "2.53±.02"},
 }
-PROTOCOLS = {"authors": "the LoRA authors' protocol (their E2E text files, gpt2_beam.py decoding, the official "
-                        "scorer's -p mode), the one that produced the paper's numbers",
-             "e2e": "the official E2E protocol (the challenge's CSVs and the official scorer's default Perl mode), "
-                    "comparable with the E2E challenge's systems; the paper's rows used the authors' protocol"}
 GPT2_MEDIUM = {"n_layer": 24, "n_embd": 1024, "vocab_size": 50257}
 # MR fidelity (stages/lib/fidelity.py), shown when the score stage wrote it: (key, header, format).
 FIDELITY = [("distinct_outputs", "distinct outputs", "{:.0f}"), ("name_realised", "name realised", "{:.0%}"),
             ("slots_realised", "slots realised", "{:.0%}")]
+
+
+def config(p: P.Params) -> dict:
+    return {"protocol": p.protocol, "seeds": list(p.train.seeds)}
 
 
 def read_json(path: Path) -> dict:
@@ -106,6 +107,18 @@ def table(df: pd.DataFrame) -> list[str]:
     return rows
 
 
+def summary(df: pd.DataFrame) -> dict:
+    """Per method, n and each metric's mean and sample std (n - 1; none for a single run) over its seeds: Table 3
+    as one row of `dvc exp show` per experiment (metrics/summary.json)."""
+    out = {}
+    for method, group in df.groupby("method", sort=False):
+        out[method] = {"n": len(group)}
+        for key, _, _ in METRICS:
+            out[method][key] = {"mean": float(group[key].mean()),
+                                **({"std": float(group[key].std(ddof=1))} if len(group) > 1 else {})}
+    return out
+
+
 def caveat(config: dict, identity: dict) -> str:
     if all(config.get(k) == v for k, v in GPT2_MEDIUM.items()):
         return (f"Base model: {identity.get('name')} at {identity.get('revision')} (GPT-2 Medium's shape). "
@@ -168,16 +181,16 @@ def main(argv=None) -> int:
     ap.add_argument("--base", required=True, help="the base model directory (config.json, identity.json)")
     ap.add_argument("--out", required=True, help="Markdown report to write")
     ap.add_argument("--plots", required=True, help="directory for loss.png and metrics.png")
+    ap.add_argument("--summary", required=True, help="metrics file: each method's mean, std and n over seeds")
     args = ap.parse_args(argv)
 
-    params = P.load()
-    seeds = P.distinct_ints(params, "train.seeds", "seeds")
-    protocol = P.choice(params, "protocol", tuple(PROTOCOLS))
+    cfg = config(P.read())
+    seeds, protocol = cfg["seeds"], PROTOCOLS[cfg["protocol"]]
     df = runs(Path(args.scores), Path(args.costs), seeds)
     base = Path(args.base)
-    config, identity = read_json(base / "config.json"), read_json(base / "identity.json")
-    lines = ["# LoRA vs full fine-tuning on E2E (GPT-2, Hu et al. 2021 Table 3)", "", caveat(config, identity), "",
-             f"Protocol: {PROTOCOLS[protocol]}.", "",
+    model_config, identity = read_json(base / "config.json"), read_json(base / "identity.json")
+    lines = ["# LoRA vs full fine-tuning on E2E (GPT-2, Hu et al. 2021 Table 3)", "", caveat(model_config, identity), "",
+             f"Protocol: {protocol.label}.", "",
              "BLEU, METEOR and ROUGE-L in %, as the paper prints them; "
              + (f"mean ± sample standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))})"
                 if len(seeds) > 1 else f"one run per method (seed {seeds[0]}), so no spread")
@@ -188,6 +201,7 @@ def main(argv=None) -> int:
         plot_metrics(df, plots / "metrics.png")
         with atomic_file(args.out) as f:
             f.write("\n".join(lines))
+        write_json(args.summary, summary(df))
     print(f"report: {args.out}, {args.plots}/", file=sys.stderr)
     return 0
 

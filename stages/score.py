@@ -24,14 +24,13 @@ from stages.lib import cli
 from stages.lib.cli import InputError
 from stages.lib.e2e import DataError, group_by_mr, read_e2e_csv, read_text
 from stages.lib.outputs import atomic_file, check_writable
+from stages.lib.protocols import PROTOCOLS
 from stages.lib.scoring import METRICS, MODES, JavaError, ScoreError, score
 
 __all__ = ["score", "in_units", "load_refs", "load_predictions", "main"]
 RESERVED = (*METRICS, "mode", "units")
 # Table 3 prints BLEU, METEOR and ROUGE-L in %, NIST and CIDEr as they come.
 PERCENT = ("bleu", "meteor", "rouge_l")
-# params.yaml's protocol -> scoring mode (score.mode: auto): the authors scored Table 3 with measure_scores.py -p.
-PROTOCOL_MODES = {"authors": "python", "e2e": "perl"}  # keys of our own in the output JSON
 # measure_scores.py read_tsv repairs these mis-encodings in CSV files before parsing.
 _MOJIBAKE = (("Ł", "£"), ("Â£", "£"), ("Ã©", "é"), ("ã©", "é"))
 
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="BLEU/NIST as measure_scores.py's default Perl MT-Eval (perl) or its -p Python one (python); "
                          "auto: the one --protocol uses")
     ap.add_argument("-p", "--python", dest="mode", action="store_const", const="python", help="same as --mode python")
-    ap.add_argument("--protocol", choices=sorted(PROTOCOL_MODES),
+    ap.add_argument("--protocol", choices=sorted(PROTOCOLS),
                     help="with --mode auto: authors scores as the LoRA authors did (python), e2e as the challenge (perl)")
     ap.add_argument("--units", choices=("fraction", "paper"), default="fraction",
                     help="BLEU, METEOR, ROUGE-L as fractions (the official scorer's output) or in %% (the paper's)")
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "auto":
         if args.protocol is None:
             ap.error("--mode auto needs --protocol authors|e2e")
-        args.mode = PROTOCOL_MODES[args.protocol]
+        args.mode = PROTOCOLS[args.protocol].score_mode
     try:
         if args.output:
             _check_writable(args.output)

@@ -9,6 +9,8 @@ without timings) and `--costs` (a metrics file of times, throughput and memory, 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import resource
 import sys
@@ -19,61 +21,42 @@ from pathlib import Path
 import datasets
 import torch
 from dvclive import Live
-from transformers import GPT2LMHeadModel, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import (GPT2LMHeadModel, PrinterCallback, Trainer, TrainerCallback, TrainerState,
+                          TrainingArguments)
 from transformers.integrations import DVCLiveCallback
 
-from stages.lib import checkpoints, cli, gpt2, lora, speed
+from stages.lib import checkpoints, cli, code, gpt2, lora, speed
 from stages.lib import params as P
 from stages.lib import runtime
 from stages.lib.cli import InputError, RunError
 from stages.lib.outputs import atomic_dir, check_writable, write_json
 
-KNOWN = {
-    "train": ("seeds", "epochs", "batch_size", "label_smoothing", "warmup_steps", "max_grad_norm", "adam_epsilon",
-              "gpt2_dropout", "processes", "checkpoint_steps"),
-    "lora": ("rank", "alpha", "dropout", "targets", "lr", "weight_decay", "train", "generate"),
-    "full": ("lr", "weight_decay", "train", "generate"),
-}
-# Shared loop keys a method may set for itself (`full.train`): Li & Liang's FT recipe differs in these.
-OVERRIDABLE = ("epochs", "batch_size", "label_smoothing", "warmup_steps", "max_grad_norm", "adam_epsilon",
-               "gpt2_dropout")
 # Trainer log fields that are wall-clock measurements: kept out of the DVC-tracked log history.
 TIMING_SUFFIXES = ("_runtime", "_per_second")
+LOG_EVERY = 0.02  # a log line, and the loss in log_history.json, every 2% of the run's steps
 
 
-def read_config(params: dict, method: str, seed: int = 0) -> dict:
-    """All knobs this run uses, validated before the model is loaded (errors name the parameter). The seed comes
-    from the command line: dvc.yaml runs one train stage per seed of train.seeds."""
-    for section in ("train", method):
-        P.warn_unknown(params, section, KNOWN[section])
-    params = P.with_overrides(params, method, "train", OVERRIDABLE)
+def config(p: P.Params, method: str) -> dict:
+    """What a run's weights depend on: exactly the keys dvc.yaml declares for train@<method>-<seed>."""
+    return {"loop": P.loop(p, method).model_dump(), method: getattr(p, method).model_dump(),
+            "speed": p.speed.model_dump()}
+
+
+def read_config(params: dict | P.Params, method: str, seed: int = 0) -> dict:
+    """The run's settings, flat, validated before the model is loaded (errors name the parameter): `config`'s,
+    the seed (dvc.yaml runs one train stage per seed of train.seeds) and the runtime keys, which change no number."""
+    p = params if isinstance(params, P.Params) else P.validate(params)
     if seed < 0:
         raise P.ParamError(f"train.seeds: a seed must be >= 0, got {seed}")
-    cfg = {
-        "seed": seed,
-        "epochs": P.number(params, "train.epochs", min=0, min_inclusive=False, max=10_000),
-        "batch_size": P.number(params, "train.batch_size", kind=int, min=1),
-        "label_smoothing": P.number(params, "train.label_smoothing", min=0, max=1, max_inclusive=False),
-        "warmup_steps": P.number(params, "train.warmup_steps", kind=int, min=0),
-        "max_grad_norm": P.number(params, "train.max_grad_norm", min=0),
-        "adam_epsilon": P.number(params, "train.adam_epsilon", min=0, min_inclusive=False),
-        "gpt2_dropout": P.number(params, "train.gpt2_dropout", min=0, max=1, max_inclusive=False),
-        "processes": P.number(params, "train.processes", kind=int, min=1, max=1024),
-        "checkpoint_steps": P.number(params, "train.checkpoint_steps", kind=int, min=0),
-        "lr": P.number(params, f"{method}.lr", min=0, min_inclusive=False),
-        "weight_decay": P.number(params, f"{method}.weight_decay", min=0),
-    }
-    cfg["speed"] = speed.resolve(speed.read_config(params), speed.device_type())
-    if method == "lora":
-        cfg["rank"] = P.number(params, "lora.rank", kind=int, min=1)
-        cfg["alpha"] = P.number(params, "lora.alpha", min=0, min_inclusive=False)
-        cfg["dropout"] = P.number(params, "lora.dropout", min=0, max=1, max_inclusive=False)
-        targets = P.get(params, "lora.targets")
-        try:  # lora.py is the one source of truth for what a valid target list is
-            cfg["targets"] = list(lora.check_args(cfg["rank"], cfg["alpha"], cfg["dropout"], targets))
-        except (TypeError, ValueError) as e:
-            raise P.ParamError(f"lora.{e}") from None
-    return cfg
+    cfg = config(p, method)
+    return {**cfg["loop"], **cfg[method], "seed": seed, "checkpoint_steps": p.runtime.checkpoint_steps,
+            "speed": speed.resolve(p.speed, p.runtime, speed.device_type())}
+
+
+def optimizer_steps(examples: int, cfg: dict, world_size: int) -> int:
+    """The Trainer's step count (Trainer.set_initial_training_values): batches per epoch x epochs, rounded up."""
+    per_epoch = max(math.ceil(examples / (cfg["batch_size"] * world_size)), 1)
+    return math.ceil(cfg["epochs"] * per_epoch)
 
 
 class StopOnNonFinite(TrainerCallback):
@@ -93,12 +76,28 @@ class StopOnNonFinite(TrainerCallback):
                               trainable_only=True)
 
 
+def deterministic(logs: dict) -> dict:
+    """A Trainer log entry without wall-clock fields (they go to the costs file), and without the final mean
+    `train_loss`, which after a resume averages only the steps since the checkpoint (the per-log losses are all
+    there): what is left is the same, byte for byte, for the same inputs, resumed or not."""
+    return {k: v for k, v in logs.items() if not k.endswith(TIMING_SUFFIXES) and k != "train_loss"}
+
+
+def deterministic_log(log_history: list[dict]) -> list[dict]:
+    return [deterministic(entry) for entry in log_history]
+
+
 class LiveMetrics(DVCLiveCallback):
-    """transformers' DVCLive callback (per-log train loss and learning rate, per-epoch eval loss), without its dump
-    of every TrainingArguments field: params.yaml is the configuration, and the dump holds temporary paths."""
+    """transformers' DVCLive callback (per-log train loss and learning rate, per-epoch eval loss) for the logs'
+    deterministic fields only, and without its dump of every TrainingArguments field: params.yaml is the
+    configuration, and the dump holds temporary paths."""
 
     def setup(self, args, state, model):
         self._initialized = True
+
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+        if kept := deterministic(logs or {}):
+            super().on_log(args, state, control, model=model, logs=kept, **kwargs)
 
 
 class EpochSummary(TrainerCallback):
@@ -149,10 +148,9 @@ def build_model(base_dir: Path, method: str, cfg: dict) -> GPT2LMHeadModel:
     return model
 
 
-def training_args(cfg: dict, output_dir: str, checkpoints: bool = False) -> TrainingArguments:
-    """Table 11's loop as TrainingArguments (AdamW betas 0.9/0.999 and eps from the authors' optimizer.py).
-    `output_dir` holds the Trainer's checkpoints, every train.checkpoint_steps steps, when `checkpoints`."""
-    every = cfg["checkpoint_steps"] if checkpoints else 0
+def training_args(cfg: dict, output_dir: str, log_every: int) -> TrainingArguments:
+    """Table 11's loop as TrainingArguments (AdamW betas 0.9/0.999 and eps from the authors' optimizer.py). The
+    Trainer saves no checkpoint itself: CheckpointAtLogs decides (runtime.checkpoint_steps), into `output_dir`."""
     return TrainingArguments(
         output_dir=output_dir, seed=cfg["seed"], num_train_epochs=cfg["epochs"],
         per_device_train_batch_size=cfg["batch_size"], per_device_eval_batch_size=cfg["batch_size"],
@@ -160,8 +158,8 @@ def training_args(cfg: dict, output_dir: str, checkpoints: bool = False) -> Trai
         adam_epsilon=cfg["adam_epsilon"],
         lr_scheduler_type="linear", warmup_steps=cfg["warmup_steps"],
         label_smoothing_factor=cfg["label_smoothing"], max_grad_norm=cfg["max_grad_norm"],
-        eval_strategy="epoch", logging_steps=0.02, logging_first_step=True, logging_nan_inf_filter=False,
-        save_strategy="steps" if every else "no", save_steps=every or 500, save_total_limit=1,
+        eval_strategy="epoch", logging_steps=log_every, logging_first_step=True, logging_nan_inf_filter=False,
+        save_strategy="no", save_total_limit=1,
         report_to="none", remove_unused_columns=False,
         disable_tqdm=not sys.stderr.isatty(),  # a bar with ETA on a terminal; EpochSummary lines in a log
         **speed.training_kwargs(cfg["speed"]),  # precision, compile, loader workers, pinned memory, sampler
@@ -173,11 +171,23 @@ def training_args(cfg: dict, output_dir: str, checkpoints: bool = False) -> Trai
     )
 
 
-def deterministic_log(log_history: list[dict]) -> list[dict]:
-    """The Trainer's log without wall-clock fields, and without its final mean `train_loss`, which after a resume
-    averages only the steps since the checkpoint; the per-log losses are all there."""
-    return [{k: v for k, v in entry.items() if not k.endswith(TIMING_SUFFIXES) and k != "train_loss"}
-            for entry in log_history]
+class CheckpointAtLogs(TrainerCallback):
+    """A resumable checkpoint at the first log step at least `every` steps after the last one (0: never).
+
+    Only right after a log: the Trainer accumulates the loss it logs next in memory, and a checkpoint between two
+    logs would lose that part, so a resumed run would log another average than an uninterrupted one. Where the
+    checkpoints fall changes nothing else (runtime.checkpoint_steps is not a dependency of the stage).
+    """
+
+    def __init__(self, every: int):
+        self.every, self.last = every, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = state.global_step  # 0, or the step a resumed run starts from
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.every and state.global_step % state.logging_steps == 0 and state.global_step - self.last >= self.every:
+            control.should_save, self.last = True, state.global_step
 
 
 def launch(processes: int, argv: list[str]) -> int:
@@ -200,6 +210,14 @@ def launch(processes: int, argv: list[str]) -> int:
     return 0
 
 
+def replay(callback: DVCLiveCallback, history: list[dict]) -> None:
+    """Write a resumed run's logs up to its checkpoint into a fresh DVCLive directory, as the run logged them: the
+    rows written after the checkpoint by the killed run must not stay (DVCLive's own resume keeps them)."""
+    state = TrainerState(is_world_process_zero=True)
+    for entry in history:
+        callback.on_log(None, state, None, logs={k: v for k, v in entry.items() if k != "step"})
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", choices=("lora", "full"), required=True)
@@ -214,13 +232,18 @@ def main(argv=None) -> int:
     runtime.keep_freed_memory()
     datasets.disable_progress_bars()
 
-    cfg = read_config(P.load(), args.method, args.seed)
+    p = P.read()
+    cfg = read_config(p, args.method, args.seed)
     for path in (args.out, args.costs, Path(args.live) / "metrics.json"):
         check_writable(path)
     if cfg["processes"] > 1 and "LOCAL_RANK" not in os.environ:  # the launcher sets LOCAL_RANK in each worker
         return launch(cfg["processes"], list(sys.argv[1:] if argv is None else argv))
     data, base = Path(args.data), Path(args.base)
     train_set, eval_set = gpt2.load_prepared(data, "train"), gpt2.load_prepared(data, "validation")
+    steps = optimizer_steps(len(train_set), cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    if cfg["warmup_steps"] > steps:  # the learning rate would never reach the one asked for
+        raise P.ParamError(f"train.warmup_steps={cfg['warmup_steps']} > this run's {steps} optimizer steps "
+                           f"({len(train_set)} examples, {cfg['epochs']:g} epochs, batch {cfg['batch_size']})")
     identity = gpt2.base_identity(base)
 
     torch.manual_seed(cfg["seed"])  # LoRA's A init happens in build_model: seed it too
@@ -231,19 +254,24 @@ def main(argv=None) -> int:
 
     scratch = None if args.checkpoints else tempfile.TemporaryDirectory()  # the Trainer wants an output_dir
     home = Path(args.checkpoints) if args.checkpoints else Path(scratch.name)
-    targs = training_args(cfg, str(home), checkpoints=bool(args.checkpoints))
+    targs = training_args(cfg, str(home), log_every=math.ceil(steps * LOG_EVERY))
     resume = None
     if args.checkpoints and targs.process_index == 0:  # rank 0 decides; the other ranks follow it
-        code = [Path(m.__file__) for m in (sys.modules[__name__], lora, gpt2, checkpoints)]
-        fp = checkpoints.fingerprint(cfg, args.method, [data / "train", data / "validation"], identity, code)
+        # Everything the run's numbers depend on: the declared params, the seed, the data, the base, the code.
+        fp = checkpoints.fingerprint({"params": config(p, args.method), "seed": args.seed}, args.method,
+                                     [data / "train", data / "validation"], identity,
+                                     {str(f): code.ROOT / f for f in code.closure("stages.train")})
         resume = checkpoints.prepare(home, fp)
     if args.checkpoints and targs.world_size > 1:
         torch.distributed.barrier()
         resume = resume or checkpoints.latest(home)
     # Only the main process logs; DVCLive must not touch dvc.yaml (the pipeline declares its files).
-    live = (Live(dir=args.live, dvcyaml=None, save_dvc_exp=False, report=None, resume=resume is not None)
-            if targs.process_index == 0 else None)
-    callbacks = [StopOnNonFinite(), LiveMetrics(live=live)]
+    live = (Live(dir=args.live, dvcyaml=None, save_dvc_exp=False, report=None) if targs.process_index == 0
+            else None)
+    live_metrics = LiveMetrics(live=live)
+    if resume is not None and live is not None:
+        replay(live_metrics, TrainerState.load_from_json(str(resume / "trainer_state.json")).log_history)
+    callbacks = [StopOnNonFinite(), live_metrics, CheckpointAtLogs(cfg["checkpoint_steps"] if args.checkpoints else 0)]
     if targs.disable_tqdm and targs.process_index == 0:
         callbacks.append(EpochSummary(f"train-{args.method}"))
     trainer = Trainer(model=model, args=targs, train_dataset=train_set, eval_dataset=eval_set,
@@ -258,6 +286,8 @@ def main(argv=None) -> int:
         return 0
     model = trainer.accelerator.unwrap_model(trainer.model)
     gpt2.check_finite(model, "trained weights", error=RunError)
+    summary = Path(args.live) / "metrics.json"  # DVCLive's, in the order keys were first logged: a resumed run
+    write_json(summary, json.loads(summary.read_text()))  # replays them in another, so sort them
     peak, peak_kind = peak_memory_mb()
     tokens = sum(len(x) for x in train_set["input_ids"]) * cfg["epochs"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -271,12 +301,9 @@ def main(argv=None) -> int:
             "device": device, "peak_memory_kind": peak_kind,
         })
         write_json(out / "log_history.json", deterministic_log(trainer.state.log_history))
-    costs = {"train_time_s": round(seconds, 1), "train_tokens_per_s": round(tokens / seconds, 1),
-             "peak_memory_mb": round(peak, 1),
-             "training_state_mb": round(training_state_mb(model, trainer.optimizer), 1)}
-    write_json(args.costs, costs)
-    live.log_metric("train/tokens_per_s", costs["train_tokens_per_s"], plot=False)
-    live.make_summary()
+    write_json(args.costs, {"train_time_s": round(seconds, 1), "train_tokens_per_s": round(tokens / seconds, 1),
+                            "peak_memory_mb": round(peak, 1),
+                            "training_state_mb": round(training_state_mb(model, trainer.optimizer), 1)})
     if args.checkpoints:
         checkpoints.finish(Path(args.checkpoints))
     print(f"train-{args.method}: {trainable:,} trainable parameters, {seconds:.0f} s -> {args.out}", file=sys.stderr)

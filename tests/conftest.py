@@ -96,6 +96,7 @@ def make_workspace(ws: Path, overrides: dict, train_mrs: int = 3) -> Path:
     from stages import preprocess
 
     write_raw(ws / "data" / "raw", {"trainset.csv": train_mrs, "devset.csv": 1, "testset_w_refs.csv": 2})
+    overrides = {"preprocess.max_length": TINY_GPT2["n_positions"], **overrides}
     torch.manual_seed(0)
     base = ws / "models" / "base"
     GPT2LMHeadModel(GPT2Config(**TINY_GPT2)).save_pretrained(base)
@@ -108,7 +109,48 @@ def make_workspace(ws: Path, overrides: dict, train_mrs: int = 3) -> Path:
     cwd = os.getcwd()
     os.chdir(ws)
     try:
-        preprocess.main(["--raw", "data/raw", "--tokenizer", str(TOKENIZER), "--out", "data/prepared"])
+        preprocess.main(["--raw", "data/raw", "--base", "models/base", "--out", "data/prepared"])
     finally:
         os.chdir(cwd)
     return ws
+
+
+# --- the demo workspace, built once per test run -----------------------------------------------------------------
+
+BIN = Path(__import__("sys").executable).parent
+# The demo shrunk to seconds per stage: a 1-layer, 32-wide GPT-2 (the real 50,257-token vocabulary), a fraction of
+# an epoch, short beams; two copy steps and no copy gate (one layer cannot copy: tests/test_tiny_base.py covers it).
+TINY_DEMO = {
+    "DEMO_BASE_ARGS": "--layers 1 --width 32 --heads 2 --epochs 0.2 --copy-steps 2 --min-copy-accuracy 0",
+    "DEMO_OVERRIDES": "train.epochs=0.1 train.warmup_steps=0 generate.num_beams=2 generate.max_new_tokens=8",
+}
+
+
+def run(cmd, cwd, check=True, **env):
+    """A command as a user runs it, with the project's environment on the PATH; its stdout and stderr."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", **env}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check:
+        assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc if not check else proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def demo_workspace(tmp_path_factory) -> tuple[Path, str]:
+    """scripts/demo.sh run once (TINY_DEMO): a git + DVC workspace where the whole pipeline ran and was committed,
+    and what the script printed. Read it only; a test that changes a workspace takes `demo_copy`."""
+    ws = tmp_path_factory.mktemp("pipeline") / "demo"
+    return ws, run(["bash", str(ROOT / "scripts" / "demo.sh"), str(ws)], cwd=ROOT, **TINY_DEMO)
+
+
+@pytest.fixture
+def demo_copy(demo_workspace, tmp_path) -> Path:
+    """A private copy of the demo workspace (git, DVC cache and all), for a test that runs or edits things."""
+    import shutil
+
+    copy = tmp_path / "demo"
+    shutil.copytree(demo_workspace[0], copy, symlinks=True)
+    return copy

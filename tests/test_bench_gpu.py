@@ -98,7 +98,7 @@ def test_options_this_device_cannot_run_are_listed_with_a_reason(shrunk):
         pytest.skip("on CUDA these options run")
     skipped = r["skipped"]
     assert "speed.precision=bf16" in skipped["train:lora/bf16"]
-    assert "speed.pin_memory" in skipped["train:lora/fp32+pin=True"]
+    assert "runtime.pin_memory" in skipped["train:lora/fp32+pin=True"]
     assert "compile" in skipped["train:lora/fp32+compile"]
     assert all(isinstance(v, str) and v for v in skipped.values())
     measured = {f"train:{k}" for k in r["train"]} | {f"decode:{k}" for k in r["decode"]}

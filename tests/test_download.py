@@ -1,9 +1,12 @@
-"""The download stage, hermetically: local sources, a GitHub mirror and a fake hub on 127.0.0.1, tiny models."""
+"""download-data and download-model, hermetically: local sources, pins served by a mirror and a fake hub on
+127.0.0.1, tiny models."""
 from __future__ import annotations
 
 import hashlib
 import http.server
 import json
+import os
+import shutil
 import socket
 import threading
 from pathlib import Path
@@ -11,10 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import TOKENIZER
+from stages import download_data, download_model
 from stages.lib import cli
-from stages import download
+from stages.lib.authors_data import git_blob_id
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 CSV = {
     "trainset.csv": 'mr,ref\n"name[The Eagle], food[French]",The Eagle serves French food.\n'
@@ -32,17 +38,12 @@ def sha256(data: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    """A 1-layer GPT-2 saved as safetensors, with a minimal tokenizer.json built by `tokenizers`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A 1-layer GPT-2 saved as safetensors, with the real GPT-2 tokenizer (download-model checks it is GPT-2's)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     d = tmp_path_factory.mktemp("tiny-gpt2")
-    cfg = GPT2Config(vocab_size=16, n_positions=16, n_embd=8, n_layer=1, n_head=2)
-    GPT2LMHeadModel(cfg).save_pretrained(d)
-    vocab = {w: i for i, w in enumerate(["<unk>", "the", "eagle", "serves", "french", "food"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(d / "tokenizer.json"))
+    GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=16, n_embd=8, n_layer=1, n_head=2)).save_pretrained(d)
+    shutil.copyfile(TOKENIZER, d / "tokenizer.json")
     assert (d / "model.safetensors").is_file() and not (d / "pytorch_model.bin").exists()
     return d
 
@@ -56,12 +57,37 @@ def csv_dir(tmp_path) -> Path:
     return d
 
 
-def run_stage(tmp_path, data_source, model_name, revision=REVISION, protocol="e2e") -> int:
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"protocol": protocol, "data": {"source": str(data_source)},
-                                      "model": {"name": str(model_name), "revision": revision}}))
-    return cli.run("download", download.main, ["--data-out", str(tmp_path / "out/data/raw"), "--model-out",
-                          str(tmp_path / "out/models/pretrained"), "--params", str(params)])
+def write_params(tmp_path, data_source, model_source, protocol) -> None:
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    base.update(protocol=protocol, data={"source": str(data_source)}, model={"source": str(model_source)})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(base))
+
+
+def run_stage(tmp_path, data_source, model_source, protocol="e2e", monkeypatch=None) -> int:
+    """download-data, then (if it succeeded) download-model, as dvc runs them from the workspace root."""
+    write_params(tmp_path, data_source, model_source, protocol)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        status = cli.run("download-data", download_data.main, ["--out", "out/data/raw"])
+        return status or cli.run("download-model", download_model.main, ["--out", "out/models/base"])
+    finally:
+        os.chdir(cwd)
+
+
+def pin_data(tmp_path, base_url: str, files: dict[str, bytes], protocol="e2e") -> Path:
+    """A data pin file (data/upstream.yaml's format) for `files` served under `base_url`."""
+    names = {"trainset.csv": "train.csv", "devset.csv": "dev.csv", "testset_w_refs.csv": "test.csv"}
+    pins = {names.get(n, n): {"url": f"{base_url}/{n}", "git_blob": git_blob_id(body)} for n, body in files.items()}
+    path = tmp_path / "upstream.yaml"
+    path.write_text(yaml.safe_dump({protocol: pins}))
+    return path
+
+
+def pin_model(tmp_path, hub="org/tiny", revision=REVISION, sha256=None) -> Path:
+    path = tmp_path / "model-pin.yaml"
+    path.write_text(yaml.safe_dump({"hub": hub, "revision": revision, **({"sha256": sha256} if sha256 else {})}))
+    return path
 
 
 def leftovers(tmp_path) -> list[str]:
@@ -124,9 +150,11 @@ def test_local_data_accepts_short_names(tmp_path, csv_dir, tiny_model):
     assert (tmp_path / "out/data/raw/test.csv").read_text() == CSV["testset_w_refs.csv"]
 
 
-def test_missing_data_dir_names_param(tmp_path, tiny_model, capsys):
-    assert run_stage(tmp_path, tmp_path / "nowhere", tiny_model) == 2
-    assert "data.source" in capsys.readouterr().err
+@pytest.mark.parametrize("source", ["nowhere", "file:///data/e2e", "github"])
+def test_a_source_that_does_not_exist_names_the_param_and_the_path(tmp_path, tiny_model, capsys, source):
+    assert run_stage(tmp_path, source, tiny_model) == 2
+    err = capsys.readouterr().err
+    assert f"data.source: {source}: no such file or directory" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()  # validated before any work
 
 
@@ -139,37 +167,48 @@ def test_missing_data_file_names_param_and_file(tmp_path, csv_dir, tiny_model, c
 
 
 @pytest.fixture
-def github_mirror(monkeypatch):
+def mirror():
+    """The E2E CSVs served on 127.0.0.1 (a stand-in for raw.githubusercontent.com), and a pin file for them."""
     files = {f"/{name}": (text.encode(), {}) for name, text in CSV.items()}
     server, base = serve(files)
-    monkeypatch.setattr(download, "E2E_URL", base + "/{name}")
-    monkeypatch.setattr(download, "E2E_BLOB_IDS", {n: download.git_blob_id(t.encode()) for n, t in CSV.items()})
-    yield files
+    yield files, base
     server.shutdown()
 
 
-def test_github_source_from_mirror(tmp_path, github_mirror, tiny_model):
-    assert run_stage(tmp_path, "github", tiny_model) == 0
+def test_pinned_data_from_a_mirror(tmp_path, mirror, tiny_model):
+    files, base = mirror
+    pin = pin_data(tmp_path, base, {n: t.encode() for n, t in CSV.items()})
+    assert run_stage(tmp_path, pin, tiny_model) == 0
     for name, out in OUT_NAMES.items():
         assert (tmp_path / "out/data/raw" / out).read_bytes() == CSV[name].encode()
 
 
-def test_github_checksum_mismatch_names_file_and_hashes(tmp_path, github_mirror, tiny_model, capsys):
+def test_pinned_checksum_mismatch_names_file_and_hashes(tmp_path, mirror, tiny_model, capsys):
+    files, base = mirror
+    pin = pin_data(tmp_path, base, {n: t.encode() for n, t in CSV.items()})
     corrupted = CSV["devset.csv"].replace("Italian", "Italain").encode()
-    github_mirror["/devset.csv"] = (corrupted, {})
-    assert run_stage(tmp_path, "github", tiny_model) == 2
+    files["/devset.csv"] = (corrupted, {})
+    assert run_stage(tmp_path, pin, tiny_model) == 2
     err = capsys.readouterr().err
-    assert "devset.csv" in err
-    assert download.E2E_BLOB_IDS["devset.csv"] in err and download.git_blob_id(corrupted) in err
+    assert "devset.csv" in err and git_blob_id(CSV["devset.csv"].encode()) in err and git_blob_id(corrupted) in err
     assert leftovers(tmp_path) == []
 
 
-def test_github_offline_names_data_source(tmp_path, monkeypatch, tiny_model, capsys):
-    monkeypatch.setattr(download, "E2E_URL", closed_port_url() + "/{name}")
-    assert run_stage(tmp_path, "github", tiny_model) == 2
+def test_pinned_data_offline_says_what_to_set(tmp_path, tiny_model, capsys):
+    pin = pin_data(tmp_path, closed_port_url(), {n: t.encode() for n, t in CSV.items()})
+    assert run_stage(tmp_path, pin, tiny_model) == 2
     err = capsys.readouterr().err
-    assert "could not reach github.com" in err and "set data.source" in err
+    assert "could not reach 127.0.0.1" in err and "set data.source" in err
     assert leftovers(tmp_path) == []
+
+
+def test_a_pin_file_without_the_protocol_names_the_file(tmp_path, mirror, tiny_model, capsys):
+    files, base = mirror
+    pin = pin_data(tmp_path, base, {n: t.encode() for n, t in CSV.items()}, protocol="e2e")
+    assert run_stage(tmp_path, pin, tiny_model, protocol="authors") == 2
+    err = capsys.readouterr().err
+    assert f"data.source: {pin}: not a pin file" in err and "'authors'" in err
+    assert not (tmp_path / "out").exists()
 
 
 AUTHORS = {
@@ -180,31 +219,28 @@ AUTHORS = {
 
 
 @pytest.fixture
-def authors_mirror(monkeypatch):
-    """microsoft/LoRA's raw files at the pinned commit, served on 127.0.0.1, with their blob ids pinned."""
+def authors_mirror(tmp_path):
+    """microsoft/LoRA's raw files served on 127.0.0.1, and a pin file naming them with their blob ids."""
     files = {f"/{name}": (text.encode(), {}) for name, text in AUTHORS.items()}
     server, base = serve(files)
-    monkeypatch.setattr(download.authors_data, "RAW_URLS", {n: f"{base}/{n}" for n in AUTHORS})
-    monkeypatch.setattr(download.authors_data, "BLOB_IDS", {n: download.git_blob_id(t.encode())
-                                                            for n, t in AUTHORS.items()})
-    yield files
+    yield files, pin_data(tmp_path, base, {n: t.encode() for n, t in AUTHORS.items()}, protocol="authors")
     server.shutdown()
 
 
 def test_authors_protocol_fetches_the_authors_files(tmp_path, authors_mirror, tiny_model):
-    assert run_stage(tmp_path, "github", tiny_model, protocol="authors") == 0
+    assert run_stage(tmp_path, authors_mirror[1], tiny_model, protocol="authors") == 0
     out = tmp_path / "out/data/raw"
     assert sorted(p.name for p in out.iterdir()) == ["test.txt", "train.txt", "valid.txt"]
     assert (out / "test.txt").read_text() == AUTHORS["test.txt"]
 
 
 def test_authors_blob_mismatch_names_the_url_and_both_ids(tmp_path, authors_mirror, tiny_model, capsys):
+    files, pin = authors_mirror
     corrupted = AUTHORS["valid.txt"].replace("Italian", "Italain").encode()
-    authors_mirror["/valid.txt"] = (corrupted, {})
-    assert run_stage(tmp_path, "github", tiny_model, protocol="authors") == 2
+    files["/valid.txt"] = (corrupted, {})
+    assert run_stage(tmp_path, pin, tiny_model, protocol="authors") == 2
     err = capsys.readouterr().err
-    assert "valid.txt" in err and download.git_blob_id(corrupted) in err
-    assert download.authors_data.BLOB_IDS["valid.txt"] in err
+    assert "valid.txt" in err and git_blob_id(corrupted) in err and git_blob_id(AUTHORS["valid.txt"].encode()) in err
     assert leftovers(tmp_path) == []
 
 
@@ -225,38 +261,44 @@ def test_unknown_protocol_names_the_param_and_values(tmp_path, csv_dir, tiny_mod
     assert "protocol must be one of ['authors', 'e2e']" in capsys.readouterr().err
 
 
-def test_pinned_blob_ids_match_shared_copies():
+def test_the_shipped_pins_match_the_shared_copies():
+    """data/upstream.yaml pins the files the pipeline fetches; the dev and test files here must match them."""
     if not (SHARED / "e2e").is_dir():
         pytest.skip(f"{SHARED}/e2e absent: no local copy of the E2E dev/test sets to check the pins against")
-    for name in ("devset.csv", "testset_w_refs.csv"):
-        assert download.git_blob_id((SHARED / "e2e" / name).read_bytes()) == download.E2E_BLOB_IDS[name]
+    pins = yaml.safe_load((ROOT / "data" / "upstream.yaml").read_text())
+    for protocol, raw, shared in [("e2e", "dev.csv", "e2e/devset.csv"), ("e2e", "test.csv", "e2e/testset_w_refs.csv"),
+                                  ("authors", "valid.txt", "e2e-authors/valid.txt"),
+                                  ("authors", "test.txt", "e2e-authors/test.txt")]:
+        assert git_blob_id((SHARED / shared).read_bytes()) == pins[protocol][raw]["git_blob"], (protocol, raw)
+        assert pins[protocol][raw]["url"].rsplit("/", 1)[1] in (raw, shared.rsplit("/", 1)[1])
 
 
 def test_git_blob_id_matches_git():
-    assert download.git_blob_id(b"") == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # `git hash-object /dev/null`
+    assert git_blob_id(b"") == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # `git hash-object /dev/null`
 
 
-# --- parameters -----------------------------------------------------------------------------------------------------
-
-def test_unknown_data_source_rejected(tmp_path, tiny_model, capsys):
-    assert run_stage(tmp_path, "gitlab", tiny_model) == 2
-    assert "data.source" in capsys.readouterr().err
-
+# --- the model pin --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("revision", ["main", "v1.0", "6dcaa7a", None, "G" * 40])
 def test_hub_revision_must_be_commit_sha(tmp_path, csv_dir, revision, capsys):
-    assert run_stage(tmp_path, csv_dir, "openai-community/gpt2-medium", revision) == 2
-    assert "model.revision" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    assert run_stage(tmp_path, csv_dir, pin_model(tmp_path, revision=revision)) == 2
+    assert "model.source" in (err := capsys.readouterr().err) and "revision" in err
+    assert not (tmp_path / "out/models").exists()
+
+
+def test_the_shipped_model_pin_is_gpt2_medium_at_a_commit():
+    pin = download_model.read_pin(ROOT / "models" / "gpt2-medium.yaml")
+    assert pin["hub"] == "openai-community/gpt2-medium" and len(pin["revision"]) == 40
+    assert set(pin["sha256"]) == {"model.safetensors"}
 
 
 # --- model from a local directory -----------------------------------------------------------------------------------
 
 def test_local_model_copies_three_files_and_identity(tmp_path, csv_dir, tiny_model):
-    assert run_stage(tmp_path, csv_dir, tiny_model, revision="ignored") == 0
-    out = tmp_path / "out/models/pretrained"
-    assert sorted(p.name for p in out.iterdir()) == sorted([*download.MODEL_FILES, "identity.json"])
-    for name in download.MODEL_FILES:
+    assert run_stage(tmp_path, csv_dir, tiny_model) == 0
+    out = tmp_path / "out/models/base"
+    assert sorted(p.name for p in out.iterdir()) == sorted([*download_model.FILES, "identity.json"])
+    for name in download_model.FILES:
         assert (out / name).read_bytes() == (tiny_model / name).read_bytes()
     identity = json.loads((out / "identity.json").read_text())
     assert identity == {"name": str(tiny_model), "revision": None,
@@ -270,19 +312,29 @@ def test_local_model_missing_weights(tmp_path, csv_dir, tiny_model, capsys):
         (partial / name).write_bytes((tiny_model / name).read_bytes())
     assert run_stage(tmp_path, csv_dir, partial) == 2
     err = capsys.readouterr().err
-    assert "model.name" in err and "model.safetensors" in err
-    assert leftovers(tmp_path) == []  # the data output, already built, is not published either
+    assert "model.source" in err and "model.safetensors" in err
+    assert not (tmp_path / "out/models/base").exists()
 
 
 def test_local_model_rejects_non_safetensors(tmp_path, csv_dir, tiny_model, capsys):
     bad = tmp_path / "bad-model"
     bad.mkdir()
-    for name in download.MODEL_FILES:
+    for name in download_model.FILES:
         (bad / name).write_bytes((tiny_model / name).read_bytes())
     (bad / "model.safetensors").write_bytes(b"<html>not found</html>")
     assert run_stage(tmp_path, csv_dir, bad) == 2
     assert "not a safetensors file" in capsys.readouterr().err
-    assert leftovers(tmp_path) == []
+    assert not (tmp_path / "out/models/base").exists()
+
+
+def test_a_tokenizer_that_is_not_json_is_refused(tmp_path, csv_dir, tiny_model, capsys):
+    bad = tmp_path / "bad-tokenizer"
+    shutil.copytree(tiny_model, bad)
+    (bad / "tokenizer.json").write_text("{not json")
+    assert run_stage(tmp_path, csv_dir, bad) == 2
+    err = capsys.readouterr().err
+    assert "model.source" in err and "tokenizer.json" in err
+    assert not (tmp_path / "out/models/base").exists()
 
 
 def test_rerun_replaces_previous_output(tmp_path, csv_dir, tiny_model):
@@ -299,59 +351,57 @@ def test_rerun_replaces_previous_output(tmp_path, csv_dir, tiny_model):
 def fake_hub(monkeypatch, tiny_model):
     """Serves tiny_model as `org/tiny` at REVISION with the hub's headers; model.safetensors's ETag is its sha256."""
     files = {}
-    for name in download.MODEL_FILES:
+    for name in download_model.FILES:
         body = (tiny_model / name).read_bytes()
         etag = sha256(body) if name == "model.safetensors" else hashlib.sha1(body).hexdigest()
         files[f"/org/tiny/resolve/{REVISION}/{name}"] = (body, {"X-Repo-Commit": REVISION, "ETag": f'"{etag}"'})
     server, base = serve(files)
-    monkeypatch.setattr(download, "HF_ENDPOINT", base)
+    monkeypatch.setattr(download_model, "HF_ENDPOINT", base)
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     yield files
     server.shutdown()
 
 
 def test_hub_model_downloads_exactly_the_needed_files(tmp_path, csv_dir, tiny_model, fake_hub):
-    assert run_stage(tmp_path, csv_dir, "org/tiny") == 0
-    out = tmp_path / "out/models/pretrained"
-    assert sorted(p.name for p in out.iterdir()) == sorted([*download.MODEL_FILES, "identity.json"])  # no .cache
-    for name in download.MODEL_FILES:
+    assert run_stage(tmp_path, csv_dir, pin_model(tmp_path)) == 0
+    out = tmp_path / "out/models/base"
+    assert sorted(p.name for p in out.iterdir()) == sorted([*download_model.FILES, "identity.json"])  # no .cache
+    for name in download_model.FILES:
         assert (out / name).read_bytes() == (tiny_model / name).read_bytes()
     identity = json.loads((out / "identity.json").read_text())
     assert identity == {"name": "org/tiny", "revision": REVISION,
                         "model_sha256": sha256((tiny_model / "model.safetensors").read_bytes())}
-    assert sorted(p.name for p in (tmp_path / "out/models").iterdir()) == ["pretrained"]  # no scratch left
+    assert sorted(p.name for p in (tmp_path / "out/models").iterdir()) == ["base"]  # no scratch left
 
 
 def test_hub_sha256_mismatch(tmp_path, csv_dir, tiny_model, fake_hub, capsys):
     key = f"/org/tiny/resolve/{REVISION}/model.safetensors"
     body, headers = fake_hub[key]
     fake_hub[key] = (body, {**headers, "ETag": f'"{"0" * 64}"'})
-    assert run_stage(tmp_path, csv_dir, "org/tiny") == 2
+    assert run_stage(tmp_path, csv_dir, pin_model(tmp_path)) == 2
     err = capsys.readouterr().err
     assert "model.safetensors" in err and "0" * 64 in err and sha256(body) in err
-    assert leftovers(tmp_path) == []
+    assert not (tmp_path / "out/models/base").exists()
 
 
-def test_hub_pinned_sha256_mismatch(tmp_path, csv_dir, fake_hub, monkeypatch, capsys):
-    monkeypatch.setattr(download, "KNOWN_MODEL_SHA256", {("org/tiny", REVISION): "f" * 64})
-    assert run_stage(tmp_path, csv_dir, "org/tiny") == 2
+def test_hub_pinned_sha256_mismatch(tmp_path, csv_dir, fake_hub, capsys):
+    assert run_stage(tmp_path, csv_dir, pin_model(tmp_path, sha256={"model.safetensors": "f" * 64})) == 2
     err = capsys.readouterr().err
     assert "pinned" in err and "f" * 64 in err
-    assert leftovers(tmp_path) == []
+    assert not (tmp_path / "out/models/base").exists()
 
 
-def test_hub_offline_names_model_name(tmp_path, csv_dir, monkeypatch, capsys):
-    monkeypatch.setattr(download, "HF_ENDPOINT", closed_port_url())
-    assert run_stage(tmp_path, csv_dir, "org/tiny") == 2
+def test_hub_offline_says_what_to_set(tmp_path, csv_dir, monkeypatch, capsys):
+    monkeypatch.setattr(download_model, "HF_ENDPOINT", closed_port_url())
+    assert run_stage(tmp_path, csv_dir, pin_model(tmp_path)) == 2
     err = capsys.readouterr().err
-    assert "could not reach the Hugging Face hub" in err and "set model.name" in err
-    assert leftovers(tmp_path) == []
+    assert "could not reach the Hugging Face hub" in err and "set model.source" in err
+    assert not (tmp_path / "out/models/base").exists()
 
 
 @pytest.mark.parametrize("missing", ["model.safetensors", "tokenizer.json"])  # the HEAD call / hf_hub_download
 def test_hub_unknown_file_is_not_reported_as_offline(tmp_path, csv_dir, fake_hub, missing, capsys):
     del fake_hub[f"/org/tiny/resolve/{REVISION}/{missing}"]
-    assert run_stage(tmp_path, csv_dir, "org/tiny") == 2
+    assert run_stage(tmp_path, csv_dir, pin_model(tmp_path)) == 2
     err = capsys.readouterr().err
     assert "hub refused" in err and "could not reach" not in err
-    assert leftovers(tmp_path) == []

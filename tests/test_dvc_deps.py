@@ -6,8 +6,6 @@ command, computed here with `ast` from the sources themselves.
 """
 from __future__ import annotations
 
-import ast
-import functools
 import itertools
 import re
 from pathlib import Path
@@ -15,63 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = "stages"
+from stages.lib.code import PACKAGE, ROOT, closure, imports_of, module_file
 
 
 def stage_modules() -> set[str]:
     """`stages.<name>` for every module at the top of stages/: by the layout's rule, exactly the DVC stages."""
     return {f"{PACKAGE}.{p.stem}" for p in (ROOT / PACKAGE).glob("*.py") if p.stem != "__init__"}
-
-
-def module_file(name: str) -> Path | None:
-    """`stages.x` -> stages/x.py or stages/x/__init__.py (None if not a project module)."""
-    parts = name.split(".")
-    if parts[0] != PACKAGE:
-        return None
-    base = ROOT.joinpath(*parts)
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def imports_of(path: Path) -> set[str]:
-    """Project modules imported by `path`, at any depth in the file (function-level imports count too)."""
-    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative import
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
-            found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names}  # `from stages.lib import lora` imports a module
-    return {m for m in found if module_file(m)}
-
-
-@functools.lru_cache(maxsize=None)
-def closure(module: str) -> frozenset[Path]:
-    todo, seen = [module], set()
-    while todo:
-        name = todo.pop()
-        path = module_file(name)
-        if path is None or path in seen:
-            continue
-        seen.add(path)
-        parts = name.split(".")
-        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b.c runs a and a.b too
-        todo += sorted(imports_of(path))
-    return frozenset(p.relative_to(ROOT) for p in seen if runs_code(p))
-
-
-def runs_code(path: Path) -> bool:
-    """False for a package __init__ that holds only a docstring: nothing there can change a result."""
-    body = ast.parse(path.read_text(encoding="utf-8")).body
-    return any(not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)) for n in body)
 
 
 def expand(stages: dict) -> dict[str, dict]:
@@ -115,7 +62,7 @@ def problems(stages: dict[str, dict]) -> list[str]:
     found = []
     for name, stage in stages.items():
         modules = re.findall(r"python -m ([\w.]+)", stage["cmd"])
-        runs = set().union(*(closure(m) for m in modules)) if modules else set()
+        runs = set().union(*(set(closure(m)) for m in modules)) if modules else set()
         deps = [Path(d) for d in dep_paths(stage)]
         code_deps = {d for d in deps if d.parts[0] == PACKAGE}
         covered = {f for f in runs if any(f == d or d in f.parents for d in code_deps)}
@@ -153,7 +100,7 @@ def test_stage_modules_never_import_each_other(stages):
     stage_mods = {m for s in stages.values() for m in re.findall(r"python -m ([\w.]+)", s["cmd"])}
     files = {module_file(m).relative_to(ROOT): m for m in stage_mods}
     for module in sorted(stage_mods):
-        others = (closure(module) & files.keys()) - {module_file(module).relative_to(ROOT)}
+        others = (set(closure(module)) & files.keys()) - {module_file(module).relative_to(ROOT)}
         assert not others, f"{module} imports stage module(s) {sorted(map(str, others))}"
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import datasets
 import pytest
@@ -12,6 +13,7 @@ from stages import preprocess
 from stages.lib.e2e import DataError, group_by_mr, read_e2e_csv
 from stages.lib.gpt2 import EOS, collate, load_tokenizer
 from stages.lib.params import ParamError
+from stages.lib.protocols import PROTOCOLS
 
 MR = "name[The Eagle], eatType[coffee shop], food[French]"
 REF = "The Eagle is a French coffee shop."
@@ -61,8 +63,17 @@ def test_group_by_mr_keeps_first_appearance_order_and_all_refs():
     assert group_by_mr(rows) == [("a[1]", ["x", "z"]), ("b[2]", ["y"]), ("c[3]", ["w"])]
 
 
-def run(raw, tmp_path):
-    preprocess.main(["--raw", str(raw), "--tokenizer", str(TOKENIZER), "--out", str(tmp_path / "prepared")])
+def base_dir(path, n_positions=1024):
+    """What preprocess reads of download-model's output: the tokenizer, and the positions in config.json."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer.json").write_bytes(TOKENIZER.read_bytes())
+    (path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": n_positions}))
+    return path
+
+
+def run(raw, tmp_path, n_positions=1024):
+    base = base_dir(tmp_path / "base", n_positions)
+    preprocess.main(["--raw", str(raw), "--base", str(base), "--out", str(tmp_path / "prepared")])
     return tmp_path / "prepared"
 
 
@@ -76,7 +87,7 @@ def test_stage_writes_train_validation_and_test_by_mr(params_file, raw_dir, tmp_
     out = run(raw_dir, tmp_path)
     read_rows = (lambda name: authors_data.read_authors_file(raw_dir / name)) if protocol == "authors" else (
         lambda name: read_e2e_csv(raw_dir / name))
-    names = preprocess.FILES[protocol]
+    names = {split: PROTOCOLS[protocol].raw_name(split) for split in ("train", "test")}
     rows = read_rows(names["train"])
     assert [(t["input_ids"], t["n_context"]) for t in read(out / "train")] == [
         tuple(encode_example(load_tokenizer(TOKENIZER), mr, ref, "paper").values()) for mr, ref in rows]
@@ -153,3 +164,11 @@ def test_bad_params_name_the_parameter(params_file, raw_dir, tmp_path, key, valu
     params_file(**{key.replace(".", "__"): value})
     with pytest.raises(ParamError, match=key):
         run(raw_dir, tmp_path)
+
+
+def test_max_length_beyond_the_models_positions_is_refused_before_any_work(params_file, raw_dir, tmp_path):
+    """A model cannot train or decode past its n_positions: said in preprocess, naming both, not later in train."""
+    params_file(preprocess__max_length=512)
+    with pytest.raises(ParamError, match=r"preprocess.max_length=512 > the base model's 128 positions \(.*config.json\)"):
+        run(raw_dir, tmp_path, n_positions=128)
+    assert not (tmp_path / "prepared").exists()

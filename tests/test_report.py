@@ -8,7 +8,9 @@ import json
 import statistics
 
 import pytest
+import yaml
 
+from conftest import default_params, set_key
 from stages import report
 from stages.lib.cli import InputError
 
@@ -26,7 +28,7 @@ def scores(bleu: float) -> dict:
 def workspace(tmp_path, monkeypatch):
     """Two seeds per method, plus the file of a seed no longer in train.seeds."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text("protocol: authors\ntrain:\n  seeds: [1, 2]\n")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(set_key(default_params(), "train.seeds", [1, 2])))
     bleus = {"base": 5.0, "lora-s1": 70.1, "lora-s2": 70.6, "lora-s3": 10.0, "full-s1": 68.0, "full-s2": 68.5}
     for d in ("scores", "costs", "live", "base"):
         (tmp_path / d).mkdir()
@@ -41,7 +43,7 @@ def workspace(tmp_path, monkeypatch):
 
 def build(ws) -> dict[str, list[str]]:
     assert report.main(["--scores", "scores", "--costs", "costs", "--live", "live", "--base", "base",
-                        "--out", "report.md", "--plots", "plots"]) == 0
+                        "--out", "report.md", "--plots", "plots", "--summary", "summary.json"]) == 0
     rows = [line for line in (ws / "report.md").read_text().splitlines() if line.startswith("| ours")]
     return {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in rows}
 
@@ -56,6 +58,22 @@ def test_cells_are_the_files_values_unscaled_with_mean_and_sample_std_over_the_s
     assert rows["ours: pretrained only (no fine-tuning)"][3] == "5.00"  # one run: no spread
     assert rows["ours: LoRA"][1] == "2"  # seeds counted; the stale lora-s3 is not among them
     assert (ws / "plots" / "loss.png").is_file() and (ws / "plots" / "metrics.png").is_file()
+
+
+def test_the_summary_is_table_3_as_one_row_per_experiment(workspace):
+    """metrics/summary.json, what the README's `dvc exp show` selects: n, mean and sample std per method."""
+    ws, bleus = workspace
+    build(ws)
+    summary = json.loads((ws / "summary.json").read_text())
+    assert sorted(summary) == ["base", "full", "lora"]
+    for method in ("lora", "full"):
+        runs = [scores(bleus[f"{method}-s{s}"]) for s in (1, 2)]
+        assert summary[method]["n"] == 2
+        for key in METRICS:
+            values = [r[key] for r in runs]
+            assert summary[method][key] == pytest.approx({"mean": statistics.mean(values),
+                                                          "std": statistics.stdev(values)}, rel=1e-12)
+    assert summary["base"] == {"n": 1, **{k: {"mean": scores(bleus["base"])[k]} for k in METRICS}}  # no std of one
 
 
 def test_a_scores_file_in_fractions_is_refused_naming_it(workspace):

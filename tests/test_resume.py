@@ -1,4 +1,6 @@
-"""Resumable training: a run killed mid-way and rerun ends exactly where an uninterrupted run ends."""
+"""Resumable training: a run killed mid-way and rerun ends exactly where an uninterrupted run ends, every file the
+train stage writes for DVC included (the weights, the loss history and DVCLive's curves; only the costs file,
+timings by design, may differ)."""
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +18,8 @@ import yaml
 from conftest import make_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
-# The hook makes the 4th optimizer step of the first run hang, so that the test kills it with checkpoint-2 on disk.
+# The hook makes optimizer step HANG_AT_STEP of the run hang, after saying so in the file HANG_MARK: the test then
+# kills the run, with the checkpoints written before that step on disk. No sleeps in the test: it waits for files.
 HANG = ("import os, time\n"
         "if os.environ.get('HANG_AT_STEP'):\n"
         "    import torch\n"
@@ -24,33 +27,39 @@ HANG = ("import os, time\n"
         "    def slow(self, *a, **k):\n"
         "        calls.append(1)\n"
         "        if len(calls) == int(os.environ['HANG_AT_STEP']):\n"
+        "            open(os.environ['HANG_MARK'], 'w').close()\n"
         "            time.sleep(600)\n"
         "        return step(self, *a, **k)\n"
         "    torch.optim.AdamW.step = slow\n")
+# 23 examples, batch 1, 3 epochs: 69 steps, a log every ceil(0.02 * 69) = 2 steps. A checkpoint asked for every 3
+# steps is written at the next log step (4, 8, ...), never between two logs, where a resume would log another loss.
+SETTINGS = {"train.epochs": 3, "train.warmup_steps": 0, "train.batch_size": 1, "lora.lr": 0.05,
+            "runtime.checkpoint_steps": 3}
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    ws = make_workspace(tmp_path_factory.mktemp("resume"), {
-        "train.epochs": 2, "train.warmup_steps": 0, "train.batch_size": 4, "lora.lr": 0.05,
-        "train.checkpoint_steps": 2})
+    ws = make_workspace(tmp_path_factory.mktemp("resume"), SETTINGS)
     (ws / "hook").mkdir()
     (ws / "hook" / "sitecustomize.py").write_text(HANG)
     return ws
 
 
 def command(name: str) -> list[str]:
-    return [sys.executable, "-m", "stages.train", "--method", "lora", "--seed", "110", "--data", "data/prepared", "--base",
-            "models/base", "--out", f"models/{name}", "--costs", f"costs-{name}.json", "--live", f"live-{name}",
-            "--checkpoints", f"checkpoints/{name}"]
+    return [sys.executable, "-m", "stages.train", "--method", "lora", "--seed", "110", "--data", "data/prepared",
+            "--base", "models/base", "--out", f"models/{name}", "--costs", f"costs-{name}.json", "--live",
+            f"live/{name}", "--checkpoints", f"checkpoints/{name}"]
 
 
 def env(**more) -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), "hook"]), "OMP_NUM_THREADS": "1", **more}
 
 
-def digests(out: Path) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())}
+def tracked(ws: Path, name: str) -> dict:
+    """sha256 of every file the stage writes for DVC but its costs: models/<name>/, DVCLive's directory."""
+    files = [*sorted((ws / "models" / name).rglob("*")), *sorted((ws / "live" / name).rglob("*"))]
+    return {str(p.relative_to(ws)).replace(name, "RUN"): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in files if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -58,35 +67,45 @@ def uninterrupted(ws):
     proc = subprocess.run(command("straight"), cwd=ws, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (ws / "checkpoints/straight").exists()  # a finished run removes its checkpoints
-    return digests(ws / "models/straight")
+    log = json.loads((ws / "models/straight/log_history.json").read_text())
+    assert [h["step"] for h in log if "loss" in h][:3] == [1, 2, 4]  # a log every 2 steps (and the first step)
+    return tracked(ws, "straight")
 
 
-def kill_after_checkpoint(ws: Path, name: str, at_step: int) -> Path:
-    proc = subprocess.Popen(command(name), cwd=ws, env=env(HANG_AT_STEP=str(at_step)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    saved = ws / "checkpoints" / name / "checkpoint-2" / "trainer_state.json"
-    deadline = time.monotonic() + 300
-    while not saved.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(1.0)  # the 3rd step runs; the 4th hangs in the hook
+def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, f"{path} did not appear within {seconds} s"
+        time.sleep(0.02)
+
+
+def kill_at(ws: Path, name: str, step: int) -> Path:
+    """Start a run, SIGKILL it while optimizer step `step` hangs; return its checkpoint folder."""
+    mark = ws / f"hanging-{name}"
+    proc = subprocess.Popen(command(name), cwd=ws, env=env(HANG_AT_STEP=str(step), HANG_MARK=str(mark)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(mark, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-3000:]
-    assert saved.exists() and not (ws / "models" / name).exists()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (ws / "models" / name).exists()
     return ws / "checkpoints" / name
 
 
 def test_killed_run_resumes_to_the_same_bytes(ws, uninterrupted):
-    kill_after_checkpoint(ws, "killed", at_step=4)
+    # Killed at step 7: checkpoint-4 on disk, and the killed run has logged steps 5 and 6 to DVCLive already.
+    checkpoints = kill_at(ws, "killed", step=7)
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-4"]
     proc = subprocess.run(command("killed"), cwd=ws, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming from checkpoints/killed/checkpoint-2" in proc.stderr
-    assert digests(ws / "models/killed") == uninterrupted  # adapter, train_info and loss history, bit for bit
+    assert "resuming from checkpoints/killed/checkpoint-4" in proc.stderr
+    assert tracked(ws, "killed") == uninterrupted  # adapter, train_info, loss history, DVCLive: bit for bit
     assert not (ws / "checkpoints/killed").exists()
 
 
 def test_a_checkpoint_from_other_params_is_discarded_not_resumed(ws, uninterrupted):
-    kill_after_checkpoint(ws, "changed", at_step=4)
+    kill_at(ws, "changed", step=7)
     params = yaml.safe_load((ws / "params.yaml").read_text())
     params["lora"]["lr"] = 0.01
     (ws / "params.yaml").write_text(yaml.safe_dump(params))
@@ -100,4 +119,20 @@ def test_a_checkpoint_from_other_params_is_discarded_not_resumed(ws, uninterrupt
     assert "resuming" not in proc.stderr
     info = json.loads((ws / "models/changed/train_info.json").read_text())
     assert info["steps"] == json.loads((ws / "models/straight/train_info.json").read_text())["steps"]
-    assert digests(ws / "models/changed") != uninterrupted  # another lr: trained from scratch, differently
+    assert tracked(ws, "changed") != uninterrupted  # another lr: trained from scratch, differently
+
+
+def test_a_runtime_key_does_not_discard_the_checkpoint(ws, uninterrupted):
+    """runtime.* changes no number, so it is not in the fingerprint: a rerun with more loader workers resumes."""
+    kill_at(ws, "workers", step=7)
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["runtime"]["dataloader_workers"] = 1
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    try:
+        proc = subprocess.run(command("workers"), cwd=ws, env=env(), capture_output=True, text=True, timeout=600)
+    finally:
+        params["runtime"]["dataloader_workers"] = 0
+        (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from checkpoints/workers/checkpoint-4" in proc.stderr
+    assert tracked(ws, "workers") == uninterrupted

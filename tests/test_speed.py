@@ -1,25 +1,39 @@
-"""stages/lib/speed.py: the `speed:` params section, its device rules, and what it hands to transformers and torch."""
+"""stages/lib/speed.py: params.yaml's `speed:` and `runtime:` sections, their device rules, and what they hand to
+transformers and torch."""
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
 
+from conftest import default_params
 from stages.lib import params as P
 from stages.lib import speed
 
+RUNTIME = ("dataloader_workers", "pin_memory")  # the runtime keys speed.resolve reads; the rest are speed's
 
-def params_with(**speed_overrides) -> dict:
-    return {"speed": {**copy.deepcopy(speed.DEFAULTS), **speed_overrides}}
+
+def params_with(**overrides) -> dict:
+    params = default_params()
+    for key, value in overrides.items():
+        params["runtime" if key in RUNTIME else "speed"][key] = value
+    return params
+
+
+def read_config(params: dict):
+    p = P.validate(params)
+    return p.speed, p.runtime
+
+
+def resolve(cfg, device, capability=None):
+    return speed.resolve(*cfg, device, capability=capability)
 
 
 # --- invariants -------------------------------------------------------------------------------------------------
 
 def test_defaults_are_the_authors_protocol_on_any_device():
-    cfg = speed.read_config(params_with())
+    cfg = read_config(params_with())
     for device, cap in (("cpu", None), ("cuda", (9, 0)), ("cuda", (6, 0))):
-        kw = speed.training_kwargs(speed.resolve(cfg, device, capability=cap))
+        kw = speed.training_kwargs(resolve(cfg, device, capability=cap))
         assert kw["bf16"] is False and kw["tf32"] is False and kw["torch_compile"] is False
         assert kw["train_sampling_strategy"] == "random"
         assert kw["dataloader_num_workers"] == 0
@@ -27,8 +41,8 @@ def test_defaults_are_the_authors_protocol_on_any_device():
 
 
 def test_tf32_is_always_explicit_so_compile_cannot_switch_it_on():
-    cfg = speed.read_config(params_with(compile=True))
-    kw = speed.training_kwargs(speed.resolve(cfg, "cuda", capability=(9, 0)))
+    cfg = read_config(params_with(compile=True))
+    kw = speed.training_kwargs(resolve(cfg, "cuda", capability=(9, 0)))
     assert kw["torch_compile"] is True and kw["tf32"] is False  # not None: None + compile means TF32 on
 
 
@@ -41,8 +55,8 @@ def test_tf32_is_always_explicit_so_compile_cannot_switch_it_on():
     ("group_by_length", True, {"train_sampling_strategy": "group_by_length"}),
 ])
 def test_each_option_changes_only_its_own_kwargs(key, value, expect):
-    base = speed.training_kwargs(speed.resolve(speed.read_config(params_with()), "cuda", capability=(9, 0)))
-    kw = speed.training_kwargs(speed.resolve(speed.read_config(params_with(**{key: value})), "cuda",
+    base = speed.training_kwargs(resolve(read_config(params_with()), "cuda", capability=(9, 0)))
+    kw = speed.training_kwargs(resolve(read_config(params_with(**{key: value})), "cuda",
                                              capability=(9, 0)))
     assert {k: v for k, v in kw.items() if base[k] != v} == {k: v for k, v in expect.items() if base[k] != v}
     assert {k: kw[k] for k in expect} == expect
@@ -58,37 +72,40 @@ def test_each_option_changes_only_its_own_kwargs(key, value, expect):
     ("group_by_length", "false"), ("group_by_length", 0),
 ])
 def test_bad_values_name_the_key(key, value):
-    with pytest.raises(P.ParamError, match=rf"speed\.{key}\b"):
-        speed.read_config(params_with(**{key: value}))
+    section = "runtime" if key in RUNTIME else "speed"
+    with pytest.raises(P.ParamError, match=rf"{section}\.{key}\b"):
+        read_config(params_with(**{key: value}))
 
 
 def test_missing_key_and_unknown_key_are_named():
     p = params_with()
     del p["speed"]["group_by_length"]
     with pytest.raises(P.ParamError, match=r"speed\.group_by_length"):
-        speed.read_config(p)
+        read_config(p)
     with pytest.raises(P.ParamError, match=r"speed\.precison"):
-        speed.read_config(params_with(precison="bf16"))
+        read_config(params_with(precison="bf16"))
+    p = params_with()
+    del p["speed"]
     with pytest.raises(P.ParamError, match=r"\bspeed\b"):
-        speed.read_config({})
+        read_config(p)
     with pytest.raises(P.ParamError, match=r"\bspeed\b"):
-        speed.read_config({"speed": "fast"})
+        read_config({**params_with(), "speed": "fast"})
 
 
 @pytest.mark.parametrize("precision", ["bf16", "tf32"])
 def test_reduced_precision_is_refused_on_cpu_and_pre_ampere_gpus(precision):
-    cfg = speed.read_config(params_with(precision=precision))
+    cfg = read_config(params_with(precision=precision))
     with pytest.raises(P.ParamError, match=rf"speed\.precision={precision}.*CPU"):
-        speed.resolve(cfg, "cpu")
+        resolve(cfg, "cpu")
     with pytest.raises(P.ParamError, match=r"speed\.precision.*7\.0"):
-        speed.resolve(cfg, "cuda", capability=(7, 0))
-    assert speed.resolve(cfg, "cuda", capability=(8, 0))["precision"] == precision
+        resolve(cfg, "cuda", capability=(7, 0))
+    assert resolve(cfg, "cuda", capability=(8, 0))["precision"] == precision
 
 
 def test_pinned_memory_without_cuda_is_refused_auto_is_not():
-    with pytest.raises(P.ParamError, match=r"speed\.pin_memory"):
-        speed.resolve(speed.read_config(params_with(pin_memory=True)), "cpu")
-    assert speed.resolve(speed.read_config(params_with()), "cpu")["pin_memory"] is False
+    with pytest.raises(P.ParamError, match=r"runtime\.pin_memory"):
+        resolve(read_config(params_with(pin_memory=True)), "cpu")
+    assert resolve(read_config(params_with()), "cpu")["pin_memory"] is False
 
 
 # --- what transformers and torch make of it ---------------------------------------------------------------------
@@ -96,9 +113,9 @@ def test_pinned_memory_without_cuda_is_refused_auto_is_not():
 def test_kwargs_are_accepted_by_this_transformers_version(tmp_path):
     from transformers import TrainingArguments
 
-    cfg = speed.read_config(params_with(group_by_length=True, dataloader_workers=2))
+    cfg = read_config(params_with(group_by_length=True, dataloader_workers=2))
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none",
-                             **speed.training_kwargs(speed.resolve(cfg, "cpu")))
+                             **speed.training_kwargs(resolve(cfg, "cpu")))
     assert args.train_sampling_strategy == "group_by_length" and args.dataloader_num_workers == 2
     assert args.bf16 is False and args.tf32 is False
 
@@ -110,7 +127,7 @@ def test_group_by_length_groups_our_list_datasets_by_input_ids(tmp_path):
     data = [{"input_ids": [1] * n, "n_context": 1} for n in (5, 40, 7, 33, 12, 3, 25, 9)]
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=64))
     for grouped in (True, False):
-        kw = speed.training_kwargs(speed.resolve(speed.read_config(params_with(group_by_length=grouped)), "cpu"))
+        kw = speed.training_kwargs(resolve(read_config(params_with(group_by_length=grouped)), "cpu"))
         args = TrainingArguments(output_dir=str(tmp_path), report_to="none", per_device_train_batch_size=2, **kw)
         sampler = Trainer(model=model, args=args, train_dataset=data)._get_train_sampler()
         assert isinstance(sampler, LengthGroupedSampler) is grouped

@@ -19,10 +19,11 @@ from stages.lib.outputs import sha256_file
 FINGERPRINT = "fingerprint.json"
 
 
-def fingerprint(cfg: dict, method: str, data_dirs: list[Path], base_identity: str, code: list[Path]) -> dict:
-    """Everything that decides the numbers a run produces, hashed."""
+def fingerprint(cfg: dict, method: str, data_dirs: list[Path], base_identity: str, code: dict[str, Path]) -> dict:
+    """Everything that decides the numbers a run produces, hashed; `code`: every project file the stage runs
+    (stages/lib/code.py), by name."""
     files = {str(p): sha256_file(p) for d in data_dirs for p in sorted(Path(d).rglob("*")) if p.is_file()}
-    files |= {Path(p).name: sha256_file(Path(p)) for p in code}
+    files |= {name: sha256_file(path) for name, path in code.items()}
     return {"method": method, "config": cfg, "base": base_identity, "files": files,
             "torch": torch.__version__, "transformers": transformers.__version__}
 

@@ -31,7 +31,8 @@ from torch.nn import functional as F
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 from transformers.pytorch_utils import Conv1D
 
-TARGETS = ("q", "k", "v", "o")  # canonical order; q, k, v live in attn.c_attn, o is attn.c_proj
+from stages.lib.params import TARGETS  # canonical order; q, k, v live in attn.c_attn, o is attn.c_proj
+
 FORMAT = "lora-e2e-adapter"
 FORMAT_VERSION = "2"  # 2: all metadata as sorted JSON under META_KEY (byte-identical files)
 META_KEY = "lora_e2e"

@@ -1,19 +1,23 @@
-"""Reading params.yaml: each stage takes only the keys it declares in dvc.yaml, validated before any work.
+"""params.yaml, typed: one pydantic model per section, validated whole before any stage does any work.
 
-Errors name the parameter as `section.key` so that the fix (`dvc exp run -S section.key=...` or an edit of
-params.yaml) is obvious.
+Every stage validates the whole file (an unknown key anywhere, a wrong type, a non-finite number or a value out of
+range is one error line naming `section.key`), then reads only the keys it declares in dvc.yaml through the views
+at the end of this module. tests/test_params_map.py checks, key by key, that what a stage reads here is exactly
+what dvc.yaml declares for it, and that `dvc status` reruns exactly those stages.
 """
 from __future__ import annotations
 
-import math
 import re
-import sys
-from collections.abc import Iterable
 from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError, create_model,
+                      model_validator)
 
 from stages.lib.cli import InputError
+
+METHODS = ("lora", "full")
 
 
 class ParamError(InputError):
@@ -36,6 +40,7 @@ _Loader.add_implicit_resolver(
 
 
 def load(path: str | Path = "params.yaml") -> dict:
+    """params.yaml as plain data (not validated: see `validate`)."""
     path = Path(path)
     if not path.is_file():
         raise ParamError(f"{path}: no such file (run the stage from the project root)")
@@ -55,73 +60,269 @@ def load(path: str | Path = "params.yaml") -> dict:
     return params
 
 
-def warn_unknown(params: dict, section: str, known: Iterable[str]) -> list[str]:
-    """Warn (stderr) about keys of `section` that no stage reads: `lora.rnak=8` would otherwise do nothing."""
-    node = params.get(section)
-    if not isinstance(node, dict):
-        return []
-    known = set(known)
-    unknown = sorted(k for k in node if k not in known)
-    for k in unknown:
-        print(f"warning: params.yaml: unknown parameter {section}.{k} is ignored "
-              f"(known in {section}: {', '.join(sorted(known))})", file=sys.stderr)
-    return unknown
+# --- value types --------------------------------------------------------------------------------------------------
+
+def _ids(what: str):
+    """A non-empty list of distinct integers >= 0: seeds (a duplicate would count twice in a mean), token ids."""
+    def check(value):
+        if not (isinstance(value, list) and value
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+            raise ValueError(f"must be a non-empty list of {what} (integers >= 0), got {value!r}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"duplicates in {value}: each must appear once")
+        return value
+    return Annotated[list[int], PlainValidator(check)]
 
 
-def get(params: dict, key: str):
-    """params['a']['b'] for key 'a.b'; a missing key is a ParamError naming it."""
-    node = params
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise ParamError(f"params.yaml: missing parameter {key}")
-        node = node[part]
-    return node
+def _choice(*allowed):
+    """One of `allowed`, compared with its type: 1 is not true (pydantic's Literal takes 1 for True)."""
+    def check(value):
+        if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
+            raise ValueError(f"must be one of {list(allowed)}, got {value!r}")
+        return value
+    return Annotated[Any, PlainValidator(check)]
 
 
-def number(params: dict, key: str, *, kind=float, min=None, max=None, min_inclusive=True, max_inclusive=True):
-    """A validated finite number: right type (bools refused) and within [min, max] (bounds optional)."""
-    value = get(params, key)
-    ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type:
-        raise ParamError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    if not math.isfinite(value):  # nan passes every comparison below; inf overflows step counts
-        raise ParamError(f"{key} must be a finite number, got {value!r}")
-    if min is not None and (value < min or (value == min and not min_inclusive)):
-        raise ParamError(f"{key} must be {'>=' if min_inclusive else '>'} {min}, got {value!r}")
-    if max is not None and (value > max or (value == max and not max_inclusive)):
-        raise ParamError(f"{key} must be {'<=' if max_inclusive else '<'} {max}, got {value!r}")
-    return kind(value)
+def _not_empty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
 
 
-def distinct_ints(params: dict, key: str, what: str) -> list[int]:
-    """A non-empty list of distinct integers >= 0 (seeds, token ids); anything else is a ParamError naming `key`."""
-    value = get(params, key)
-    if not (isinstance(value, list) and value
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
-        raise ParamError(f"{key} must be a non-empty list of {what} (integers >= 0), got {value!r}")
-    if len(set(value)) != len(value):
-        raise ParamError(f"{key}: duplicates in {value}: each must appear once")
-    return value
+NonNegInt = Annotated[int, Field(ge=0)]
+Probability = Annotated[float, Field(ge=0, lt=1)]
+Positive = Annotated[float, Field(gt=0)]
+Path_ = Annotated[str, AfterValidator(_not_empty)]
 
 
-def choice(params: dict, key: str, allowed):
-    value = get(params, key)
-    if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):  # 1 is not True
-        raise ParamError(f"{key} must be one of {list(allowed)}, got {value!r}")
-    return value
+# LoRA's possible targets, in canonical order: q, k, v (slices of the fused c_attn) and o (attn.c_proj), Table 5.
+TARGETS = ("q", "k", "v", "o")
 
 
-def with_overrides(params: dict, method: str, shared: str, allowed: Iterable[str]) -> dict:
-    """params with `<method>.<shared>` (e.g. full.train) laid over the shared section `<shared>` (train): how one
-    method runs under another recipe (Li & Liang's for the FT row) without touching the other's settings."""
-    node = params.get(method) or {}
-    overrides = node.get(shared) if isinstance(node, dict) else None
-    if overrides is None:
-        return params
-    if not isinstance(overrides, dict):
-        raise ParamError(f"{method}.{shared} must be a mapping of {shared} keys, got {overrides!r}")
-    unknown = sorted(k for k in overrides if k not in set(allowed))
+def _lora_targets(targets: list[str]) -> list[str]:
+    """A non-empty list of distinct TARGETS (stages/lib/lora.py takes them in any order)."""
+    if not targets:
+        raise ValueError(f"empty; choose from {TARGETS}")
+    unknown = [t for t in targets if t not in TARGETS]
     if unknown:
-        raise ParamError(f"{method}.{shared}.{unknown[0]}: not a {shared} key that {method} may override "
-                         f"(allowed: {', '.join(sorted(allowed))})")
-    return {**params, shared: {**(params.get(shared) or {}), **overrides}}
+        raise ValueError(f"unknown {unknown}; choose from {TARGETS}")
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"duplicates in {targets}")
+    return targets
+
+
+class Section(BaseModel):
+    """A params.yaml section: strict types (true is not 1, "1" is not 1), finite numbers, no unknown keys."""
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+def overrides_of(model: type[Section]) -> type[Section]:
+    """The same keys, each optional: what a method may set for itself over a shared section (`train.full`)."""
+    fields = {name: (Optional[Annotated[f.annotation, *f.metadata] if f.metadata else f.annotation], None)
+              for name, f in model.model_fields.items()}
+    return create_model(f"{model.__name__}Overrides", __base__=Section, **fields)
+
+
+# --- sections -----------------------------------------------------------------------------------------------------
+
+class Data(Section):
+    source: Path_
+
+
+class Model(Section):
+    source: Path_
+
+
+class Preprocess(Section):
+    format: Literal["paper", "equals"]
+    max_length: Annotated[int, Field(ge=8)]
+
+
+class Loop(Section):
+    """The training loop both methods share (Table 11); `train.<method>` may set any of these for one method."""
+    epochs: Annotated[float, Field(gt=0, le=10_000)]
+    batch_size: Annotated[int, Field(ge=1)]
+    processes: Annotated[int, Field(ge=1, le=1024)]
+    label_smoothing: Probability
+    warmup_steps: NonNegInt
+    max_grad_norm: Annotated[float, Field(ge=0)]
+    adam_epsilon: Positive
+    gpt2_dropout: Probability
+
+
+LoopOverrides = overrides_of(Loop)
+
+
+class Train(Loop):
+    seeds: _ids("seeds")
+    lora: LoopOverrides = LoopOverrides()
+    full: LoopOverrides = LoopOverrides()
+
+
+class Lora(Section):
+    rank: Annotated[int, Field(ge=1)]
+    alpha: Positive
+    dropout: Probability
+    targets: Annotated[list[str], AfterValidator(_lora_targets)]
+    lr: Positive
+    weight_decay: Annotated[float, Field(ge=0)]
+
+
+class Full(Section):
+    lr: Positive
+    weight_decay: Annotated[float, Field(ge=0)]
+
+
+class Speed(Section):
+    """Options for speed that may change the numbers (stages/lib/speed.py says how each does)."""
+    precision: Literal["fp32", "tf32", "bf16"]
+    compile: bool
+    group_by_length: bool
+
+
+class Decode(Section):
+    """The decoding both methods share (Table 11); `generate.<method>` may set any of these for one method."""
+    search: Literal["authors", "transformers"]
+    eos_ids: _ids("token ids")
+    num_beams: Annotated[int, Field(ge=1)]
+    length_penalty: float
+    no_repeat_ngram_size: NonNegInt
+    max_new_tokens: Annotated[int, Field(ge=1)]
+    early_stopping: _choice(True, False, "never")
+    ban_newlines: bool
+
+    @model_validator(mode="after")
+    def _ban_needs_transformers(self):
+        if self.ban_newlines and self.search != "transformers":
+            raise ValueError("ban_newlines needs search: transformers (Li & Liang's decoding); gpt2_beam.py bans "
+                             "no tokens")
+        return self
+
+
+DecodeOverrides = overrides_of(Decode)
+
+
+class Generate(Decode):
+    lora: DecodeOverrides = DecodeOverrides()
+    full: DecodeOverrides = DecodeOverrides()
+
+
+class Score(Section):
+    mode: Literal["auto", "perl", "python"]
+
+
+class Runtime(Section):
+    """How a run uses the machine, never what it computes: no stage declares these, so changing one reruns
+    nothing (tests/test_params_map.py; outputs are byte-identical across them, tests/test_train_generate.py)."""
+    dataloader_workers: NonNegInt
+    pin_memory: _choice("auto", True, False)
+    checkpoint_steps: NonNegInt
+    generate_batch_size: Annotated[int, Field(ge=1)]
+
+
+class Params(Section):
+    protocol: Literal["authors", "e2e"]
+    data: Data
+    model: Model
+    preprocess: Preprocess
+    train: Train
+    lora: Lora
+    full: Full
+    speed: Speed
+    generate: Generate
+    score: Score
+    runtime: Runtime
+
+
+# --- errors: one line naming section.key --------------------------------------------------------------------------
+
+_BOUNDS = {"greater_than": (">", "gt"), "greater_than_equal": (">=", "ge"), "less_than": ("<", "lt"),
+           "less_than_equal": ("<=", "le")}
+_TYPES = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false", "string_type": "a string",
+          "list_type": "a list", "model_type": "a mapping", "dict_type": "a mapping"}
+
+
+def _expected(text: str) -> list:
+    """pydantic's "'a', 'b' or True" -> ['a', 'b', True], as the old messages printed the allowed values."""
+    return [yaml.safe_load(part.strip().replace("'", '"')) for part in re.split(r",| or ", text)]
+
+
+def message(err: dict, prefix: str = "") -> str:
+    """One pydantic error as `section.key must be ..., got ...`."""
+    loc = [str(x) for x in err["loc"] if not isinstance(x, int)]
+    key = ".".join(([prefix] if prefix else []) + loc) or "params.yaml"
+    got = err.get("input")
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind in _BOUNDS:
+        op, name = _BOUNDS[kind]
+        return f"{key} must be {op} {ctx[name]:g}, got {got!r}"
+    if kind == "finite_number":
+        return f"{key} must be a finite number, got {got!r}"
+    if kind in _TYPES:
+        return f"{key} must be {_TYPES[kind]}, got {got!r}"
+    if kind == "literal_error":
+        return f"{key} must be one of {_expected(ctx['expected'])}, got {got!r}"
+    if kind == "extra_forbidden":
+        known = ", ".join(sorted(_section(loc[:-1]).model_fields))
+        return f"unknown parameter {key} (known{' in ' + '.'.join(loc[:-1]) if loc[:-1] else ''}: {known})"
+    if kind == "missing":
+        return f"missing parameter {key}"
+    if kind == "too_short":
+        return f"{key} must be a non-empty list, got {got!r}"
+    if kind == "value_error":
+        text = err["msg"].removeprefix("Value error, ")
+        return f"{key} {text}" if text.startswith("must be") else f"{key}: {text}"
+    return f"{key}: {err['msg']}, got {got!r}"
+
+
+def _section(loc: list[str]) -> type[Section]:
+    """The section model at `loc` in Params (e.g. ["train", "full"] -> LoopOverrides)."""
+    model = Params
+    for part in loc:
+        model = model.model_fields[part].annotation
+    return model
+
+
+def _raise(e: ValidationError, prefix: str = ""):
+    errors = sorted(e.errors(), key=lambda err: err["type"] == "missing")  # a wrong value before what is missing
+    raise ParamError(message(errors[0], prefix)) from None
+
+
+def validate(params: dict) -> Params:
+    """The whole of params.yaml, typed; the first problem as a ParamError naming its key."""
+    try:
+        p = Params.model_validate(params)
+    except ValidationError as e:
+        _raise(e)
+    for method in METHODS:  # a method's own keys laid over the shared ones must make a valid whole too
+        loop(p, method), decode(p, method)
+    return p
+
+
+def read(path: str | Path = "params.yaml") -> Params:
+    return validate(load(path))
+
+
+# --- what each stage reads: the views dvc.yaml's params lists declare ---------------------------------------------
+
+def loop(p: Params, method: str) -> Loop:
+    """The training loop `method` runs: `train`, with `train.<method>` laid over it."""
+    return _merged_as(p.train, getattr(p.train, method), Loop, "train", method)
+
+
+def decode(p: Params, method: str) -> Decode:
+    """The decoding `method` ("base", "lora" or "full") uses: `generate`, with `generate.<method>` laid over it."""
+    if method == "base":
+        return _merged_as(p.generate, DecodeOverrides(), Decode, "generate", method)
+    return _merged_as(p.generate, getattr(p.generate, method), Decode, "generate", method)
+
+
+def _merged_as(shared: Section, mine: Section, model: type[Section], section: str, method: str) -> Section:
+    """`shared` with the keys `mine` sets replaced; an error names the key where it was set."""
+    own = mine.model_dump(exclude_none=True)
+    try:
+        return model.model_validate({**shared.model_dump(include=set(model.model_fields)), **own})
+    except ValidationError as e:
+        err = e.errors()[0]
+        set_here = not err["loc"] or err["loc"][0] in own
+        raise ParamError(message(err, f"{section}.{method}" if set_here and own else section)) from None

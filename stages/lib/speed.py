@@ -1,18 +1,8 @@
-"""Speed options (params.yaml `speed:`): how fast a run goes, and which of them change the numbers.
+"""How fast a run goes: params.yaml `speed:` (options that may change the numbers) and `runtime:` (that never do).
 
 The defaults are the authors' protocol (microsoft/LoRA examples/NLG trains and decodes GPT-2 in fp32, in the order
-its sampler draws): every option that could change a result is off by default, and what it changes is said next to
-it. Shared by the train and generate stages and by benchmarks/bench_gpu.py, which measures each option.
-
-    speed:
-      precision: fp32          # fp32 | tf32 | bf16
-      compile: false           # torch.compile
-      dataloader_workers: 0
-      pin_memory: auto         # auto (= on with CUDA) | true | false
-      group_by_length: false   # changes the order of examples: not the authors' protocol
-
-The generation batch size stays `generate.batch_size` (it changes no output: batched decoding equals one-by-one,
-tests/test_train_generate.py).
+its sampler draws): every option that could change a result is off by default, and what it changes is said below.
+Shared by the train and generate stages and by benchmarks/bench_gpu.py, which measures each option.
 """
 from __future__ import annotations
 
@@ -23,9 +13,6 @@ import torch
 from stages.lib import params as P
 
 PRECISIONS = ("fp32", "tf32", "bf16")
-KEYS = ("precision", "compile", "dataloader_workers", "pin_memory", "group_by_length")
-DEFAULTS = {"precision": "fp32", "compile": False, "dataloader_workers": 0, "pin_memory": "auto",
-            "group_by_length": False}
 AMPERE = (8, 0)  # TF32 tensor cores and native bf16 arrived with compute capability 8.0 (A100)
 
 # What each option does to the numbers (not only to the speed):
@@ -39,42 +26,27 @@ AMPERE = (8, 0)  # TF32 tensor cores and native bf16 arrived with compute capabi
 # - compile: torch.compile (inductor) fuses kernels; the maths is the same but fused kernels round in a different
 #   order, so results match fp32 to float tolerance, not bit for bit. Costs compile time at the start of each run
 #   (and a recompile when batch shapes change, once, before shapes go dynamic).
-# - dataloader_workers, pin_memory: where and how batches are built and copied to the GPU. Same batches, same
-#   order (the sampler runs in the main process). No effect on the numbers.
+# - runtime.dataloader_workers, runtime.pin_memory: where and how batches are built and copied to the GPU. Same
+#   batches, same order (the sampler runs in the main process). No effect on the numbers.
 # - group_by_length: transformers' LengthGroupedSampler: batches of similar length (less padding, fewer wasted
 #   FLOPs), drawn in a different order from the authors' random sampler. Changes the training trajectory: not the
 #   authors' protocol.
-
-
-def read_config(params: dict) -> dict:
-    """The `speed:` section, validated (ParamError naming `speed.<key>`); all keys required, unknown ones refused."""
-    section = P.get(params, "speed")
-    if not isinstance(section, dict):
-        raise P.ParamError(f"speed must be a mapping with keys {list(KEYS)}, got {section!r}")
-    unknown = sorted(set(section) - set(KEYS), key=str)
-    if unknown:
-        raise P.ParamError(f"speed.{unknown[0]}: unknown parameter; known: {', '.join(KEYS)}")
-    return {
-        "precision": P.choice(params, "speed.precision", PRECISIONS),
-        "compile": P.choice(params, "speed.compile", (True, False)),
-        "dataloader_workers": P.number(params, "speed.dataloader_workers", kind=int, min=0),
-        "pin_memory": P.choice(params, "speed.pin_memory", ("auto", True, False)),
-        "group_by_length": P.choice(params, "speed.group_by_length", (True, False)),
-    }
 
 
 def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve(cfg: dict, device: str, capability: tuple[int, int] | None = None) -> dict:
-    """`cfg` made concrete for `device` ("cuda" or "cpu"): pin_memory "auto" becomes on exactly with CUDA.
+def resolve(speed: P.Speed, runtime: P.Runtime, device: str, capability: tuple[int, int] | None = None) -> dict:
+    """The speed and runtime settings made concrete for `device` ("cuda" or "cpu"): pin_memory "auto" becomes on
+    exactly with CUDA.
 
     Decision: tf32 and bf16 are refused off CUDA, and on GPUs older than Ampere (`capability`, default: the
     current GPU's), with a ParamError naming speed.precision. On a CPU, TF32 does not exist and bf16 autocast is
     emulated on most CPUs (slower than fp32) while still changing the numbers; silently running fp32 instead would
     make params.yaml lie about what ran. pin_memory: true without CUDA is refused for the same reason.
     """
+    cfg = {**speed.model_dump(), "dataloader_workers": runtime.dataloader_workers, "pin_memory": runtime.pin_memory}
     run = dict(cfg)
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device: expected 'cuda' or 'cpu', got {device!r}")
@@ -89,7 +61,7 @@ def resolve(cfg: dict, device: str, capability: tuple[int, int] | None = None) -
     if cfg["pin_memory"] == "auto":
         run["pin_memory"] = device == "cuda"
     elif cfg["pin_memory"] and device != "cuda":
-        raise P.ParamError("speed.pin_memory=true needs CUDA (pinned memory speeds host-to-GPU copies); "
+        raise P.ParamError("runtime.pin_memory=true needs CUDA (pinned memory speeds host-to-GPU copies); "
                            "use auto or false")
     return run
 
