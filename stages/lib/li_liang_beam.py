@@ -3,10 +3,11 @@
 Source: XiangLi1999/PrefixTuning, commit 6519d30e69b15a180f23e2cd41b766d3f62b8e82 (transformers 3.2.0 fork),
 transformers/src/transformers/generation_utils.py: `generate` (lines 121-534), `_generate_beam_search` (649-906),
 `BeamHypotheses` (1037-1082), `_generate_no_beam_search` (536-647), `postprocess_next_token_scores` (71-118).
-gpt2/run_generation.py calls it for a fine-tuned model (lines 1231-1245, decode_mode 'beam', batch size 1): num_beams=5,
-max_length = 100 + prompt length (`--length 100`, gen.py line 266), eos_token_id=50256, bad_words_ids=[[628], [198]]
-("\\n\\n" and "\\n"), do_sample=False, repetition_penalty=1.0; the rest are config defaults (configuration_utils.py lines
-166-178): length_penalty 1.0, early_stopping False, no_repeat_ngram_size 0, min_length 0. `RUN_GENERATION` holds them.
+gpt2/run_generation.py calls it for a fine-tuned model (lines 1231-1245, decode_mode 'beam', batch size 1):
+num_beams=5, max_length = 100 + prompt length (`--length 100`, gen.py line 266), eos_token_id=50256,
+bad_words_ids=[[628], [198]] ("\\n\\n" and "\\n"), do_sample=False, repetition_penalty=1.0; the rest are config
+defaults (configuration_utils.py lines 166-178): length_penalty 1.0, early_stopping False, no_repeat_ngram_size 0,
+min_length 0. `RUN_GENERATION` holds them.
 
 What their code does for one context, and what we reproduce:
 - A step scores every beam: log_softmax of the logits (line 715), THEN the banned ids are set to -inf (lines 109-116):
