@@ -89,7 +89,8 @@ def mr_slots(mr: str) -> list[tuple[str, str]]:
     slots = parse_any_mr(mr)
     if is_official_mr(mr):
         return slots
-    return [(AUTHORS_KEYS.get(key, key), re.sub(r"£ (\d)", r"£\1", value).replace(" - ", "-")) for key, value in slots]
+    return [(AUTHORS_KEYS.get(key, key), re.sub(r"£ (\d)", r"£\1", value).replace(" - ", "-"))
+            for key, value in slots]
 
 
 def check_mrs(mrs: list[str], source: str = "MRs") -> None:
