@@ -299,7 +299,14 @@ def lock_dir() -> Path:
         path = Path(os.environ["XDG_RUNTIME_DIR"]) / "lora-e2e" / "locks"
     else:
         path = Path("/tmp") / f"lora-e2e-{os.getuid()}" / "locks"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = path.parent.lstat()
+    except OSError as e:
+        raise InputError(f"{path}: cannot keep run locks here ({e.strerror}); set {LOCK_DIR_ENV}") from None
+    shared = path.parent.parent == Path("/tmp")  # anyone may have made it first: it must be ours, not a link
+    if shared and (not os.path.isdir(path.parent) or os.path.islink(path.parent) or st.st_uid != os.getuid()):
+        raise InputError(f"{path.parent}: not a directory of this user's; set {LOCK_DIR_ENV} to one that is")
     return path
 
 
