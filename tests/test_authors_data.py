@@ -12,7 +12,7 @@ import pytest
 
 from stages.lib.authors_data import (BLOB_IDS, COMMIT, RAW_URLS, SPLITS, AuthorsDataError, cut_like_gpt2_decode,
                                  git_blob_id, group_references, parse_authors_text, read_authors_file)
-from stages.lib.e2e import DataError, group_by_mr, read_e2e_csv
+from stages.lib.e2e import DataError, group_by_mr, parse_mr, read_e2e_csv
 
 from conftest import ROOT, SAMPLE
 
@@ -32,7 +32,8 @@ def test_line_is_split_at_the_separator_and_stripped_like_format_converting_e2e(
 
 
 def test_newlines_are_read_like_python_text_mode():
-    assert parse_authors_text("a||b\r\nc||d\re||f", "x.txt") == [("a", "b"), ("c", "d"), ("e", "f")]
+    assert parse_authors_text("name : a||b\r\nname : c||d\rname : e||f", "x.txt") == [
+        ("name : a", "b"), ("name : c", "d"), ("name : e", "f")]
 
 
 def test_references_grouped_by_exact_context_in_order_of_first_appearance():
@@ -68,14 +69,14 @@ def test_pinned_constants():
 # --- bad input: one error naming file and line, an exit-2 DataError ---
 
 @pytest.mark.parametrize("content, line, what", [
-    (b"a||b\nno separator here\n", 2, "no '||'"),
-    (b"a||b\n\nc||d\n", 2, "no '||'"),                      # a blank line in the middle
+    (b"name : a||b\nno separator here\n", 2, "no '||'"),
+    (b"name : a||b\n\nname : c||d\n", 2, "no '||'"),      # a blank line in the middle
     (b"||b\n", 1, "empty MR"),
     (b"   ||b\n", 1, "empty MR"),
-    (b"a||b\nc||   \n", 2, "empty reference"),
-    (b"a||b||c\n", 1, "more than one '||'"),
-    (b"a||b\nc||d\xff\n", 2, "not UTF-8"),
-    (b"a||b\r\nc\xe9||d\r\n", 2, "not UTF-8"),
+    (b"name : a||b\nname : c||   \n", 2, "empty reference"),
+    (b"name : a||b||c\n", 1, "more than one '||'"),
+    (b"name : a||b\nname : c||d\xff\n", 2, "not UTF-8"),
+    (b"name : a||b\r\nname : c\xe9||d\r\n", 2, "not UTF-8"),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, content, line, what):
     path = tmp_path / "test.txt"
@@ -85,6 +86,36 @@ def test_bad_lines_name_file_and_line(tmp_path, content, line, what):
     assert issubclass(AuthorsDataError, DataError)
 
 
+@pytest.mark.parametrize("mr, what", [
+    ("name : Aromi | food : [Italian", "a bracket"),                 # unbalanced brackets
+    ("name : Aromi] | food : Italian", "a bracket"),
+    ("name : Aromi | name : Zizzi", "'name' appears twice"),        # duplicate slots
+    ("name : Aro\x00mi | food : Italian", "control character U+0000"),  # a NUL byte
+    ("name : Aromi |\tfood : Italian", "control character U+0009"),
+    ("name : Aromi | food : ", "empty value for 'food'"),
+    ("name : Aromi |  : Italian", "empty key"),
+    ("name : Aromi | | food : Italian", "an empty slot"),
+    ("| name : Aromi | food : Italian", "an empty slot"),
+    ("name : Aromi | food Italian", "expected 'key : value'"),
+    ("name : Aromi | food : Italian : cheap", "more than one ':'"),
+    ("name : Aromi | f00d : Italian", "key 'f00d' is not letters and spaces"),
+    ("name[Aromi], food[Italian]", "a bracket"),                    # the official spelling is not this format's
+])
+def test_malformed_mrs_name_file_and_line_under_the_official_csvs_grammar(tmp_path, mr, what):
+    """The same slot rules as stages/lib/e2e.parse_mr: before, each of these passed and generate failed at the end."""
+    path = tmp_path / "test.txt"
+    path.write_text(f"name : Zizzi | food : Italian||Zizzi is nice .\n{mr}||Aromi is nice .\n", encoding="utf-8")
+    with pytest.raises(AuthorsDataError, match=rf"^{re.escape(str(path))}: line 2: malformed MR .*{re.escape(what)}"):
+        read_authors_file(path)
+
+
+def test_well_formed_mrs_keep_their_spacing_as_the_context():
+    """The grammar checks the MR; the context stays byte for byte what format_converting_e2e.py keeps."""
+    text = "name : The Eagle|Type : pub  |  family friendly : no  ||The Eagle is a pub .\n"
+    assert parse_authors_text(text, "x.txt") == [("name : The Eagle|Type : pub  |  family friendly : no  ",
+                                                   "The Eagle is a pub .")]
+
+
 def test_empty_missing_and_wrong_blob(tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
     with pytest.raises(AuthorsDataError, match="empty.txt: no lines"):
@@ -92,9 +123,9 @@ def test_empty_missing_and_wrong_blob(tmp_path):
     with pytest.raises(AuthorsDataError, match="nope.txt: no such file"):
         read_authors_file(tmp_path / "nope.txt")
     good = tmp_path / "valid.txt"
-    good.write_bytes(b"a||b \n")
-    assert read_authors_file(good, git_blob_id(b"a||b \n")) == [("a", "b")]
-    with pytest.raises(AuthorsDataError, match=rf"valid.txt: git blob id {git_blob_id(b'a||b ' + bytes([10]))}, "
+    good.write_bytes(b"name : a||b \n")
+    assert read_authors_file(good, git_blob_id(b"name : a||b \n")) == [("name : a", "b")]
+    with pytest.raises(AuthorsDataError, match=rf"valid.txt: git blob id {git_blob_id(b'name : a||b ' + bytes([10]))}, "
                                                rf"expected {BLOB_IDS['valid.txt']}"):
         read_authors_file(good, BLOB_IDS["valid.txt"])
 
@@ -136,3 +167,30 @@ def test_sample_script_reproduces_the_shipped_sample(tmp_path):
                     str(tmp_path)], check=True, capture_output=True, cwd=ROOT, env=env)
     for name in SPLITS:
         assert (tmp_path / name).read_bytes() == (AUTHORS_SAMPLE / name).read_bytes()
+
+
+@pytest.mark.parametrize("name, csv_name", [("train.txt", "trainset.csv"), ("valid.txt", "devset.csv"),
+                                            ("test.txt", "testset_w_refs.csv")])
+def test_sample_mrs_parse_to_the_official_csvs_slots_row_for_row(name, csv_name):
+    from stages.lib.fidelity import mr_slots
+    rows, official = read_authors_file(AUTHORS_SAMPLE / name), read_e2e_csv(SAMPLE / csv_name)
+    assert len(rows) == len(official)
+    for (mr, _), (official_mr, _) in zip(rows, official):
+        assert dict(mr_slots(mr)) == dict(parse_mr(official_mr))
+
+
+@need_shared
+def test_all_9365_real_lines_pass_the_grammar_and_give_the_official_slots():
+    """Every line of the authors' valid.txt and test.txt passes the MR grammar, and its slots (authors' keys and
+    tokenised values mapped back by fidelity.mr_slots) are exactly those of the official CSV's MR on that row."""
+    from stages.lib.e2e import parse_authors_mr
+    from stages.lib.fidelity import mr_slots
+    lines = 0
+    for name, csv_name in (("valid.txt", "devset.csv"), ("test.txt", "testset_w_refs.csv")):
+        rows = read_authors_file(SHARED / "e2e-authors" / name)
+        official = read_e2e_csv(SHARED / "e2e" / csv_name)
+        assert len(rows) == len(official)
+        for (mr, _), (official_mr, _) in zip(rows, official):
+            assert parse_authors_mr(mr) and dict(mr_slots(mr)) == dict(parse_mr(official_mr)), mr
+        lines += len(rows)
+    assert lines == 9365

@@ -3,6 +3,7 @@ sample's own human references."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,32 @@ def test_authors_mr_syntax_gives_the_official_slots():
     assert slots(authors) == slots(official)
     with pytest.raises(ValueError, match="malformed MR"):
         slots("name : Cotto | Type coffee shop")
+
+
+# One MR grammar (stages/lib/e2e.py) for both spellings, and a check generate makes before decoding
+
+@pytest.mark.parametrize("mr, what", [
+    ("name : Cotto | name : Aromi", "'name' appears twice"),
+    ("name : Cotto | food : [French", "a bracket"),
+    ("name : Co\x00tto", "control character U+0000"),
+    ("name : Cotto | | food : French", "an empty slot"),
+    ("name : Cotto | food : French : cheap", "more than one ':'"),
+    ("name[Co\x00tto]", "control character U+0000"),
+])
+def test_mr_slots_reads_both_spellings_by_the_one_strict_grammar(mr, what):
+    from stages.lib.fidelity import mr_slots
+    with pytest.raises(ValueError, match=rf"malformed MR .*{re.escape(what)}"):
+        mr_slots(mr)
+
+
+def test_check_mrs_names_the_first_bad_mr_and_accepts_what_fidelity_reads():
+    from stages.lib.e2e import DataError
+    from stages.lib.fidelity import check_mrs
+    good = [MR, "name : Cotto | Type : coffee shop | price : £ 20 - 25"]
+    assert check_mrs(good) is None
+    assert fidelity(good, ["x", "y"])  # what check_mrs accepts, fidelity() reads
+    with pytest.raises(DataError, match=r"^data/prepared/test: MR 3: malformed MR 'name : A \| name : B': "
+                                        r"'name' appears twice$"):
+        check_mrs([*good, "name : A | name : B", "name[x"], source="data/prepared/test")
+    with pytest.raises(DataError, match=r"^MRs: no MRs$"):
+        check_mrs([])

@@ -265,7 +265,8 @@ def test_meteor_with_filtered_paraphrases_equals_pycocoevalcap_with_the_full_tab
     assert sum(para) > 1000, para
     # ...and the comparison sees a table that lacks them.
     refs, hyps = inputs["example-inputs"]
-    monkeypatch.setattr(meteor_table, "filtered", lambda table, vocab, root=None: real_filter(table, set(), root))
+    monkeypatch.setattr(meteor_table, "filtered",
+                        lambda table, vocab, root=None, **kw: real_filter(table, set(), root, **kw))
     assert meteor_mod.meteor(refs, hyps).segment_stats != expected["example-inputs"][2]
 
 
@@ -341,7 +342,7 @@ def test_filtering_failure_falls_back_to_the_full_table(monkeypatch, capsys):
     def boom(*a, **k):
         raise meteor_table.TableError("broken")
 
-    class FakeJvm:  # stands for the JVM started on the named pipe: alive until killed
+    class FakeJvm:  # stands for the JVM started on the table's pipe: alive until killed
         killed = False
         def poll(self):
             return 0 if self.killed else None
@@ -351,7 +352,7 @@ def test_filtering_failure_falls_back_to_the_full_table(monkeypatch, capsys):
             return 0
     started = []
 
-    def start(table=None):
+    def start(table=None, pass_fds=()):
         started.append(table)
         if table is None:
             raise JavaError("stop here")
@@ -363,5 +364,5 @@ def test_filtering_failure_falls_back_to_the_full_table(monkeypatch, capsys):
     run = meteor_mod.Meteor()
     with pytest.raises(JavaError, match="stop here"):
         run.run([["a b"]], ["a b"])
-    assert started[-1] is None and len(started) in (1, 2)  # 2 where named pipes exist: the first JVM is dropped
+    assert started[-1] is None and len(started) in (1, 2)  # 2 where /dev/fd exists: the first JVM is dropped
     assert "loading the full table" in capsys.readouterr().err and run.tmpdir is None

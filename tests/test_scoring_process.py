@@ -58,12 +58,17 @@ def _alive(pid: int) -> bool:
     return st is not None and st[0] != "Z"  # a killed JVM may linger as a zombie until its new parent reaps it
 
 
-def _start_scorer(tmp_path: Path) -> tuple[subprocess.Popen, int]:
-    """The scorer on the 547-MR dev case, with its temp dir in tmp_path; returns it once its JVM is running."""
-    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "stages.score", "--refs", str(FIX / "dev-refs.csv"),
+def _launch_scorer(tmp_path: Path, **env) -> subprocess.Popen:
+    """The scorer on the 547-MR dev case, with its temp dir in tmp_path."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT), **env}
+    return subprocess.Popen([sys.executable, "-m", "stages.score", "--refs", str(FIX / "dev-refs.csv"),
                              "--predictions", str(FIX / "dev-first-ref-output.txt")], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _start_scorer(tmp_path: Path) -> tuple[subprocess.Popen, int]:
+    """The scorer on the 547-MR dev case, with its temp dir in tmp_path; returns it once its JVM is running."""
+    proc = _launch_scorer(tmp_path)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         jvms = _java_children(proc.pid)
@@ -101,9 +106,8 @@ def test_sigkill_of_the_scorer_takes_its_jvm_with_it(tmp_path):
 
 @needs_java
 @linux_only
-def test_sigterm_kills_the_jvm_and_removes_the_temp_dir(tmp_path):
+def test_sigterm_kills_the_jvm_and_leaves_no_temporary_files(tmp_path):
     proc, jvm = _start_scorer(tmp_path)
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("meteor-")]
     time.sleep(0.5)
     proc.terminate()
     try:
@@ -114,6 +118,61 @@ def test_sigterm_kills_the_jvm_and_removes_the_temp_dir(tmp_path):
             os.kill(jvm, signal.SIGKILL)
     assert "Traceback" not in proc.stderr.read().decode()
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_java
+@linux_only
+def test_sigkill_of_the_scorer_leaves_nothing_on_disk(tmp_path):
+    """A SIGKILLed process runs no cleanup: the filtered paraphrase table goes to the JVM through an anonymous pipe
+    (/dev/fd/N), never a named pipe in a temporary directory, and the JVM writes no /tmp/hsperfdata_<user>/<pid>."""
+    proc, jvm = _start_scorer(tmp_path)
+    args = Path(f"/proc/{jvm}/cmdline").read_bytes().split(b"\0")
+    time.sleep(0.5)  # mid-run: the JVM is booting or reading its paraphrase pipe
+    proc.kill()
+    proc.wait()
+    try:
+        assert _gone_within(jvm, 5)
+    finally:
+        if _alive(jvm):
+            os.kill(jvm, signal.SIGKILL)
+    assert list(tmp_path.iterdir()) == []
+    assert not list(Path("/tmp").glob(f"hsperfdata_*/{jvm}"))
+    assert args[args.index(b"-a") + 1].startswith(b"/dev/fd/")
+
+
+@needs_java
+@linux_only
+def test_sigterm_during_the_paraphrase_index_build_exits_within_seconds_leaving_nothing(tmp_path):
+    """The first run builds METEOR's paraphrase index (10-20 s of numpy work in a worker thread): SIGTERM then used
+    to wait for the whole build and the filtering after it (~40 s). The build now polls for cancellation and the
+    worker is not joined at exit."""
+    cache, tmp = tmp_path / "cache", tmp_path / "tmp"
+    tmp.mkdir()
+    proc = _launch_scorer(tmp, XDG_CACHE_HOME=str(cache))
+    lock = cache / "lora-e2e" / "meteor-paraphrase" / ".lock"
+    deadline = time.monotonic() + 120
+    while not lock.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert lock.exists(), f"the index build never started (scorer exit {proc.poll()})"
+    time.sleep(0.5)  # inside build_index's first chunk
+    jvms = _java_children(proc.pid)
+    proc.terminate()
+    start = time.monotonic()
+    try:
+        status = proc.wait(timeout=60)
+        took = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for jvm in jvms:
+            if _alive(jvm):
+                os.kill(jvm, signal.SIGKILL)
+    assert status == 128 + signal.SIGTERM and took < 3.0, (status, took)
+    assert "Traceback" not in proc.stderr.read().decode()
+    assert all(_gone_within(jvm, 5) for jvm in jvms)
+    assert list(tmp.iterdir()) == []
+    assert sorted(p.name for p in lock.parent.iterdir()) == [".lock"]  # no index, no partial build
 
 
 # --- output: checked before scoring, written whole, umask, sorted keys ---------------------------------------------

@@ -13,7 +13,10 @@ Source: microsoft/LoRA at commit c4593f060e6a368d7bb5af5273b8e42810cdef90, examp
   appearance, each cut by `.split('<|endoftext|>')[0].split('\\n\\n')[0].strip()`; line 131 cuts the decoded
   prediction the same way.
 Where their scripts would crash (no `||`) or silently drop text (a second `||`), or keep an empty MR or
-reference, we stop with an error naming the file and line.
+reference, we stop with an error naming the file and line. Each MR must also be well-formed under the grammar the
+official CSVs' MRs obey (stages/lib/e2e.py: `key : value` slots separated by `|`, non-empty keys and values, no
+key twice, no brackets, no control characters): their scripts never parse an MR, but our fidelity measure does,
+and a test MR it cannot read must stop preprocess, not the generate stage after decoding.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from stages.lib.e2e import DataError
+from stages.lib.e2e import DataError, parse_authors_mr
 
 COMMIT = "c4593f060e6a368d7bb5af5273b8e42810cdef90"
 SPLITS = ("train.txt", "valid.txt", "test.txt")
@@ -85,8 +88,12 @@ def parse_authors_text(text: str, source: str | Path) -> list[tuple[str, str]]:
             raise AuthorsDataError(f"{source}: line {n}: more than one '{SEP}' (the authors' script would drop "
                                    f"the text after the second)")
         context, completion = items
-        if not context:
+        if not context.strip():
             raise AuthorsDataError(f"{source}: line {n}: empty MR")
+        try:
+            parse_authors_mr(context)
+        except ValueError as e:
+            raise AuthorsDataError(f"{source}: line {n}: {e}") from None
         if not completion:
             raise AuthorsDataError(f"{source}: line {n}: empty reference")
         rows.append((context, completion))

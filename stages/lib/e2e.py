@@ -2,18 +2,30 @@
 
 The dataset (Novikova et al. 2017) ships CSVs with columns `mr` and `ref`, one row per human reference, several
 rows per meaning representation (MR). Scorers and our test set work on MRs in order of first appearance.
+
+An MR is a list of slots in one of two spellings, both read by one grammar (`parse_mr`, `parse_authors_mr`,
+`parse_any_mr`): the official `name[The Eagle], food[French]` and the LoRA authors' re-serialisation
+`name : The Eagle | food : French`. In both, a key is letters and inner spaces, a value is non-empty and holds no
+bracket, no key comes twice, and nothing in the MR is a control character (a NUL, tab or newline would reach the
+tokenizer, and the scorers' one-line formats, unseen). In the authors' spelling `:` and `|` are the delimiters, so
+a value cannot hold them; space around them is free. Anything else is a ValueError naming the MR and the fault,
+never repaired: a repaired MR would train and score on something the data does not say.
 """
 from __future__ import annotations
 
 import csv
 import io
 import re
+import unicodedata
 from pathlib import Path
 
 from stages.lib.cli import InputError
 
 # One MR slot: `key[value]`, key letters and spaces, value anything but brackets; slots separated by commas.
 _SLOT = re.compile(r"\s*([A-Za-z][A-Za-z ]*?)\s*\[([^\[\]]*)\]\s*")
+_KEY = re.compile(r"[A-Za-z](?:[A-Za-z ]*[A-Za-z])?")  # a slot key, stripped: `name`, `customer rating`
+# The official spelling starts with its first key and a bracket; anything else is read as the authors' spelling.
+_OFFICIAL = re.compile(r"\s*[A-Za-z][A-Za-z ]*\[")
 
 
 class DataError(InputError):
@@ -50,31 +62,82 @@ def read_e2e_csv(path: str | Path) -> list[tuple[str, str]]:
     return rows
 
 
+def _check_chars(mr: str) -> None:
+    bad = next((i for i, c in enumerate(mr) if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        raise ValueError(f"malformed MR {mr!r}: control character U+{ord(mr[bad]):04X} at character {bad + 1}")
+
+
+def _add_slot(mr: str, slots: list[tuple[str, str]], key: str, value: str) -> None:
+    """The slot rules both spellings share: appends (key, value), stripped, or raises naming the fault."""
+    key, value = key.strip(), value.strip()
+    if not key:
+        raise ValueError(f"malformed MR {mr!r}: empty key before {value[:40]!r}")
+    if not _KEY.fullmatch(key):
+        raise ValueError(f"malformed MR {mr!r}: key {key!r} is not letters and spaces")
+    if not value:
+        raise ValueError(f"malformed MR {mr!r}: empty value for {key!r}")
+    if "[" in value or "]" in value:
+        raise ValueError(f"malformed MR {mr!r}: a bracket in the value of {key!r}")
+    if any(key == k for k, _ in slots):
+        raise ValueError(f"malformed MR {mr!r}: {key!r} appears twice")
+    slots.append((key, value))
+
+
 def parse_mr(mr: str) -> list[tuple[str, str]]:
     """`name[The Eagle], food[French]` -> [("name", "The Eagle"), ("food", "French")].
 
-    Strict: unbalanced brackets, an empty key or value, text outside `key[value]` or a repeated key is a
-    ValueError, never repaired (a repaired MR would train and score on something the data does not say).
+    Strict (the module docstring's grammar): unbalanced brackets, an empty key or value, text outside `key[value]`,
+    a repeated key or a control character is a ValueError, never repaired.
     """
-    slots, pos = [], 0
+    _check_chars(mr)
+    slots: list[tuple[str, str]] = []
+    pos = 0
     while True:
         m = _SLOT.match(mr, pos)
         if not m:
             rest = mr[pos:].strip()
             at = f"at {rest[:40]!r}" if rest else "at the end"
             raise ValueError(f"malformed MR {mr!r}: expected key[value] {at}")
-        key, value = m.group(1).strip(), m.group(2).strip()
-        if not value:
-            raise ValueError(f"malformed MR {mr!r}: empty value for {key!r}")
-        if any(key == k for k, _ in slots):
-            raise ValueError(f"malformed MR {mr!r}: {key!r} appears twice")
-        slots.append((key, value))
+        _add_slot(mr, slots, m.group(1), m.group(2))
         pos = m.end()
         if pos == len(mr):
             return slots
         if mr[pos] != ",":
             raise ValueError(f"malformed MR {mr!r}: expected ',' between slots at {mr[pos:pos + 40]!r}")
         pos += 1
+
+
+def parse_authors_mr(mr: str) -> list[tuple[str, str]]:
+    """The LoRA authors' spelling, `name : Blue Spice | Type : coffee shop` -> [("name", "Blue Spice"),
+    ("Type", "coffee shop")], keys and values as written (fidelity maps them to the official ones); the same
+    slot rules as parse_mr (the module docstring's grammar)."""
+    _check_chars(mr)
+    if "[" in mr or "]" in mr:
+        raise ValueError(f"malformed MR {mr!r}: a bracket in a 'key : value | ...' MR")
+    slots: list[tuple[str, str]] = []
+    for part in mr.split("|"):
+        key, sep, value = part.partition(":")
+        if not part.strip():
+            raise ValueError(f"malformed MR {mr!r}: an empty slot (expected 'key : value' between each '|')")
+        if not sep:
+            raise ValueError(f"malformed MR {mr!r}: expected 'key : value' at {part.strip()[:40]!r}")
+        if ":" in value:
+            raise ValueError(f"malformed MR {mr!r}: more than one ':' in {part.strip()[:40]!r}")
+        _add_slot(mr, slots, key, value)
+    return slots
+
+
+def is_official_mr(mr: str) -> bool:
+    """Whether `mr` is in the official spelling (it starts `key[`); parse_any_mr reads any other as the authors'."""
+    return bool(_OFFICIAL.match(mr))
+
+
+def parse_any_mr(mr: str) -> list[tuple[str, str]]:
+    """An MR in either spelling: the official one if it starts `key[`, else the authors' (errors as theirs)."""
+    if not isinstance(mr, str):
+        raise ValueError(f"malformed MR {mr!r}: not a string")
+    return parse_mr(mr) if is_official_mr(mr) else parse_authors_mr(mr)
 
 
 def group_by_mr(rows: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:

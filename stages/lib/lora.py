@@ -208,15 +208,21 @@ def save_adapter(model: nn.Module, path: str | Path, base: str) -> None:
 
 
 def load_adapter(model: nn.Module, path: str | Path, base: str | None = None) -> nn.Module:
-    """Load an adapter saved by save_adapter into `model` (adding LoRA with the file's settings if it has none)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    """Load an adapter saved by save_adapter into `model` (adding LoRA with the file's settings if it has none).
+
+    Every fault of the file is a ValueError naming it (FileNotFoundError if there is none): a truncated or corrupt
+    file (safetensors' own error types, caught before `model` changes), metadata or tensors not an adapter's."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no adapter file at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get(META_KEY, "{}")
+    try:  # read whole before touching the model: a file cut short fails here, not half-way through add_lora
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY, "{}")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable adapter file ({' '.join(str(e).split())})") from None
     try:
         meta = json.loads(raw)
         assert isinstance(meta, dict)
@@ -240,7 +246,6 @@ def load_adapter(model: nn.Module, path: str | Path, base: str | None = None) ->
                 raise ValueError(f"{field}: adapter {path} has {file_cfg[field]!r}, the model has {have[field]!r}")
     else:
         add_lora(model, **file_cfg)
-    tensors = load_file(str(path))
     expected = {k: v.shape for k, v in lora_state_dict(model).items()}
     missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
     if missing or unexpected:

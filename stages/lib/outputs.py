@@ -1,14 +1,18 @@
-"""Outputs that appear whole or not at all: a failed stage must leave no partial artifact for DVC to cache."""
+"""Outputs that appear whole or not at all: a failed stage must leave no partial artifact for DVC to cache, and a
+stage whose DVC died (stages/lib/lifeline.py) publishes none."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
+from stages.lib import lifeline
 from stages.lib.cli import InputError
 
 
@@ -23,6 +27,30 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_SIBLING = re.compile(r"(\d+)-(\d+)\.\w+")  # what follows `.<name>.` in a temporary sibling's name
+
+
+def _prefix(path: Path) -> str:
+    """`.<name>.<pid>-<start time>.`: a temporary sibling's name says which process made it."""
+    me = lifeline.process(os.getpid())
+    return f".{path.name}.{os.getpid()}-{me.start if me else 0}."
+
+
+def _sweep(path: Path) -> None:
+    """Remove `path`'s temporary siblings whose maker is gone: a SIGKILLed stage (or one that exited without its
+    cleanup, lifeline's last resort) runs no `finally`; the next run of the stage clears what it left. Only where
+    /proc tells a live maker from a dead one."""
+    if not Path("/proc/self/stat").exists():
+        return
+    for sibling in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        m = _SIBLING.fullmatch(sibling.name[len(path.name) + 2:])
+        if m is None:
+            continue
+        maker = lifeline.Process(int(m.group(1)), m.group(2), ())
+        if int(m.group(2)) and not lifeline.alive(maker):
+            shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
 
 
 def check_writable(path: str | Path, what: str = "output") -> None:
@@ -45,10 +73,12 @@ def atomic_dir(path: str | Path):
     """Yield a temporary sibling directory; on success it replaces `path`, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    _sweep(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(path), dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs get the user's normal modes
     try:
         yield tmp
+        lifeline.check()  # an orphaned stage (its DVC gone) publishes nothing
         if path.exists():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         os.replace(tmp, path)
@@ -61,11 +91,13 @@ def atomic_file(path: str | Path, mode: str = "w"):
     """Yield an open temporary sibling file; on success it replaces `path`, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    _sweep(path)
+    fd, tmp = tempfile.mkstemp(prefix=_prefix(path), dir=path.parent)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
+        lifeline.check()  # an orphaned stage (its DVC gone) publishes nothing
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

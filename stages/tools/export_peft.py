@@ -31,7 +31,7 @@ from transformers.utils import logging as hf_logging
 from stages.lib import cli, lora
 from stages.lib.cli import InputError
 from stages.lib.outputs import atomic_dir
-from stages.lib.gpt2 import base_identity
+from stages.lib.gpt2 import base_identity, load_model
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 MODULES = {"c_attn": "attn.c_attn", "c_proj": "attn.c_proj"}  # PEFT target suffixes; mlp.c_proj stays untouched
@@ -91,7 +91,10 @@ def load_ours(adapter: Path, base: Path) -> GPT2LMHeadModel:
             raise ExportError(f"--base: {base / f}: no such file (expected the download stage's model directory)")
     if not adapter.is_file():
         raise ExportError(f"--adapter: {adapter}: no such file")
-    model = GPT2LMHeadModel.from_pretrained(base, use_safetensors=True)
+    try:  # the stages' loader: the weights exactly the config's and finite, or one line naming the file and tensor
+        model = load_model(base)
+    except InputError as e:
+        raise ExportError(f"--base: {e}") from None
     try:
         lora.load_adapter(model, adapter, base=base_identity(base))
     except (ValueError, TypeError) as e:
@@ -106,8 +109,7 @@ def max_logit_diff(ours: GPT2LMHeadModel, base: Path, peft_dir: Path) -> tuple[f
 
     with warnings.catch_warnings():  # peft 0.21 calls a transformers method deprecated in 5.x: nothing to act on
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        theirs = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base, use_safetensors=True),
-                                           peft_dir).eval()
+        theirs = PeftModel.from_pretrained(load_model(base), peft_dir).eval()
     ids = torch.arange(32).unsqueeze(0) * 97 % ours.config.vocab_size  # (1, 32): any fixed token ids
     with torch.no_grad():
         want = ours(ids).logits

@@ -10,7 +10,7 @@ One concern per module, imported in this order (no module imports this package's
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+import threading
 
 from stages.lib.e2e import DataError
 from stages.lib.scoring import coco, mteval
@@ -27,6 +27,34 @@ class ScoreError(RuntimeError):
     """A metric cannot be computed (the official scorer would fail too) or came out non-finite."""
 
 
+CLOSE_WAIT_S = 1.5  # how long an exit waits for the cancelled METEOR worker to clean up before leaving it behind
+
+
+class _Worker(threading.Thread):
+    """`fn(*args)` in a daemon thread. Not a ThreadPoolExecutor: the interpreter joins those at exit, so a SIGTERM
+    during a 15 s paraphrase-index build waited for the whole build. A daemon thread is left behind at exit (after
+    `CLOSE_WAIT_S` for its cleanup: the build polls for cancellation and writes nothing until its last step)."""
+
+    def __init__(self, fn, *args):
+        super().__init__(name="meteor", daemon=True)
+        self._fn, self._args = fn, args
+        self._value = self._error = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._value = self._fn(*self._args)
+        except BaseException as e:  # noqa: BLE001 - handed to result() in the caller's thread
+            self._error = e
+
+    def result(self):
+        while self.is_alive():
+            self.join(0.1)  # in short waits: a signal handler in this (the main) thread runs between them
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 def score(refs: list[list[str]], preds: list[str], mode: str = "perl",
           meteor_timeout: float = 300.0) -> dict[str, float]:
     """BLEU, NIST, METEOR, ROUGE-L and CIDEr of `preds` against `refs` (one list of references per prediction), equal
@@ -40,21 +68,22 @@ def score(refs: list[list[str]], preds: list[str], mode: str = "perl",
     meteor_run = Meteor()  # the only JVM: it boots and loads WordNet while Python tokenizes
     # METEOR's Python side (filtering its paraphrase table, then feeding the JVM) runs in a worker thread while this
     # one computes the other metrics.
-    pool = ThreadPoolExecutor(1, thread_name_prefix="meteor")
+    worker = None
     try:
         tok_refs = [[coco_tokenize(r) for r in inst] for inst in refs]
         tok_preds = [coco_tokenize(p) for p in preds]
-        meteor_future = pool.submit(meteor_run.run, tok_refs, tok_preds, meteor_timeout)
+        worker = _Worker(meteor_run.run, tok_refs, tok_preds, meteor_timeout)
         try:
             bleu, nist = MODES[mode](refs, preds)
         except ZeroDivisionError as e:
             raise ScoreError(f"{mode} mode: {e}") from None
         rouge_l, cider = coco.rouge_l_cider(tok_refs, tok_preds)
-        result = {"bleu": bleu, "nist": nist, "meteor": meteor_future.result().score, "rouge_l": rouge_l,
+        result = {"bleu": bleu, "nist": nist, "meteor": worker.result().score, "rouge_l": rouge_l,
                   "cider": cider}
     finally:
-        meteor_run.close()  # kills the JVM if still running, so the worker cannot wait on it
-        pool.shutdown(wait=True, cancel_futures=True)
+        meteor_run.close()  # kills the JVM and cancels the table's filtering, so the worker stops within a second
+        if worker is not None:
+            worker.join(CLOSE_WAIT_S)
     bad = {k: v for k, v in result.items() if not math.isfinite(v)}
     if bad:
         raise ScoreError(f"non-finite metric(s) {bad}: refusing to report them")

@@ -3,14 +3,19 @@ table cut down to the input (stages/lib/scoring/paraphrase.py: same scores, the 
 
 The JVM never outlives us: it gets SIGKILL from the kernel when the thread that started it dies (Linux
 `prctl(PR_SET_PDEATHSIG)`, set between fork and exec), so a scorer killed by SIGKILL or the OOM killer leaves no JVM
-blocked on its paraphrase pipe; every exit Python sees (errors, SIGTERM via the CLI's handler) kills it and removes
-the temporary directory in `Meteor.close()`.
+blocked on its paraphrase pipe; every exit Python sees (errors, SIGTERM via the CLI's handler) kills it in
+`Meteor.close()`, which also cancels a paraphrase index build in progress (stages/lib/scoring/paraphrase.py).
+
+Nothing on disk to leave behind: the filtered table reaches the JVM through an anonymous pipe that it opens as
+`/dev/fd/N` (inherited descriptor N), not a named pipe in a temporary directory, which a SIGKILLed scorer (no cleanup
+runs) would leave in /tmp; the kernel frees a pipe when the last process holding it dies. `-XX:-UsePerfData` keeps
+the JVM from writing /tmp/hsperfdata_<user>/<pid>, which a killed JVM leaves too. Only where /dev/fd is missing
+(Windows) does the table go through a temporary file, removed on every exit Python sees.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import errno
 import os
 import shutil
 import signal
@@ -18,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -67,21 +71,22 @@ def _die_with_parent_hook():
     return hook
 
 
-def _start_meteor(paraphrase_file: Path | None = None) -> subprocess.Popen:
+def _start_meteor(paraphrase_file: Path | str | None = None, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
     """METEOR 1.5 as pycocoevalcap runs it (`-stdio -l en -norm`), in an English number locale and UTF-8 I/O:
     under a decimal-comma locale the JVM prints scores like 0,4801 that cannot be parsed. `paraphrase_file`
     replaces the default table (`-a`). JIT flags: this short run spends more CPU in the C2 compiler than it saves
     (measured: 8.9 s -> 3.3 s CPU on the E2E test set); the client compiler and serial GC change no result (Java 17
-    floating point is always strict). The parent-death signal is tied to the calling thread: call this from a
+    floating point is always strict); no perf-data file in /tmp. `pass_fds`: descriptors the JVM inherits (the
+    table's pipe). The parent-death signal is tied to the calling thread: call this from a
     thread that outlives the run (the caller's, or METEOR's worker which waits for the JVM)."""
-    cmd = [_java(), "-Xmx2G", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC",
+    cmd = [_java(), "-Xmx2G", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", "-XX:-UsePerfData",
            "-Duser.language=en", "-Duser.country=US", "-Dfile.encoding=UTF-8",
            "-jar", str(METEOR_JAR), "-", "-", "-stdio", "-l", "en", "-norm"]
     if paraphrase_file is not None:
         cmd += ["-a", str(paraphrase_file)]
     env = {**os.environ, "LC_ALL": "C.UTF-8"}
     return subprocess.Popen(cmd, cwd=METEOR_JAR.parent, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, preexec_fn=_die_with_parent_hook())
+                            stderr=subprocess.PIPE, preexec_fn=_die_with_parent_hook(), pass_fds=pass_fds)
 
 
 def _meteor_line(refs: list[str], hyp: str) -> str:
@@ -134,47 +139,67 @@ def _run_meteor(proc: subprocess.Popen, refs: list[list[str]], hyps: list[str], 
 
 class Meteor:
     """One METEOR 1.5 run, started before its input is known. With `filtered`, METEOR gets only the paraphrase-table
-    entries that can match the input (identical scores; stages/lib/scoring/paraphrase.py): its table argument is a named
-    pipe, so the JVM boots and loads WordNet while Python tokenizes and filters, then reads the filtered table from
-    the pipe. Any failure in filtering falls back to a JVM with the full table (slow, same scores). Without named
-    pipes (Windows) the filtered table goes through a temporary file and the JVM starts when the input is known."""
+    entries that can match the input (identical scores; stages/lib/scoring/paraphrase.py): its table argument is
+    /dev/fd/N, the read end of an anonymous pipe, so the JVM boots and loads WordNet while Python tokenizes and
+    filters, then reads the filtered table from the pipe. Any failure in filtering falls back to a JVM with the full
+    table (slow, same scores). Without /dev/fd (Windows) the filtered table goes through a temporary file and the
+    JVM starts when the input is known. `close()` (any thread) kills the JVM and cancels the filtering."""
 
     def __init__(self, filtered: bool = True):
         _java()
         self.filtered = filtered and PARAPHRASE_TABLE.is_file()
-        self.tmpdir = tempfile.mkdtemp(prefix="meteor-") if self.filtered else None
-        self.table = Path(self.tmpdir, "paraphrase.gz") if self.tmpdir else None
+        self.tmpdir = None
         self.proc = None
+        self._pipe = None  # the write end of the table's pipe, until run() takes it
         self._lock = threading.Lock()  # close() may come from the caller's thread while run() is in METEOR's
         self._closed = False
-        if self.table is not None and hasattr(os, "mkfifo"):
-            try:
-                os.mkfifo(self.table, 0o600)
-                self.proc = _start_meteor(self.table)
-            except BaseException:
-                self.close()
-                raise
+        self._cancel = threading.Event()
+        if not self.filtered:
+            return
+        if not _DEV_FD:
+            self.tmpdir = tempfile.mkdtemp(prefix="meteor-")
+            return
+        read, write = os.pipe()  # both ends close-on-exec; the JVM inherits the read end alone, by pass_fds
+        try:
+            self.proc = _start_meteor(f"/dev/fd/{read}", pass_fds=(read,))
+        except BaseException:
+            os.close(write)
+            self.close()
+            raise
+        finally:
+            os.close(read)  # the JVM holds it now: once it dies, a write here fails (EPIPE) instead of blocking
+        self._pipe = write
+
+    def _take_pipe(self) -> int | None:
+        with self._lock:
+            fd, self._pipe = self._pipe, None
+            return fd
 
     def run(self, tok_refs: list[list[str]], tok_hyps: list[str], timeout: float = 300.0) -> MeteorResult:
         try:
-            if self.table is not None:
+            if self.filtered:
                 try:
                     # The exact strings METEOR will normalise: its stdio split of each SCORE line on |||.
                     segments = [part for r, h in zip(tok_refs, tok_hyps)
                                 for part in _meteor_line(r, h)[:-1].split("|||")[1:]]
-                    data, _ = paraphrase.filtered(PARAPHRASE_TABLE, paraphrase.vocabulary(segments))
-                    if self.proc is None:
-                        self.table.write_bytes(data)
-                        self._start(self.table)
+                    data, _ = paraphrase.filtered(PARAPHRASE_TABLE, paraphrase.vocabulary(segments),
+                                                  cancelled=self._cancel.is_set)
+                    pipe = self._take_pipe()
+                    if pipe is not None:
+                        _feed_pipe(pipe, data, self.proc, timeout)
+                    elif self.tmpdir is not None:
+                        table = Path(self.tmpdir, "paraphrase.gz")
+                        table.write_bytes(data)
+                        self._start(table)
                     else:
-                        _feed_pipe(self.table, data, self.proc, timeout)
+                        raise JavaError("METEOR run closed")
                 except Exception as e:  # noqa: BLE001 - the full table still gives the right score, slowly
                     if self._closed:
                         raise JavaError("METEOR run closed") from None
                     print(f"warning: METEOR paraphrase filtering failed ({e!r}); loading the full table",
                           file=sys.stderr)
                     self._stop()
-                    self.table = None
+                    self.filtered = False
             if self.proc is None:
                 self._start(None)
             return _run_meteor(self.proc, tok_refs, tok_hyps, timeout)
@@ -188,6 +213,9 @@ class Meteor:
             self.proc = _start_meteor(table)
 
     def _stop(self) -> None:
+        pipe = self._take_pipe()
+        if pipe is not None:
+            os.close(pipe)
         with self._lock:
             if self.proc is not None:
                 if self.proc.poll() is None:
@@ -201,9 +229,11 @@ class Meteor:
                 self.proc = None
 
     def close(self) -> None:
-        """Kill the JVM if still running and remove the temporary table; idempotent, callable from any thread."""
+        """Kill the JVM if still running, cancel the filtering and remove any temporary table; idempotent, callable
+        from any thread."""
         with self._lock:
             self._closed = True
+        self._cancel.set()
         self._stop()
         with self._lock:
             if self.tmpdir is not None:
@@ -211,34 +241,22 @@ class Meteor:
                 self.tmpdir = None
 
 
-def _feed_pipe(fifo: Path, data: bytes, proc: subprocess.Popen, timeout: float) -> None:
-    """Write `data` into the named pipe once METEOR opens it (never block on a JVM that died first)."""
-    deadline = time.monotonic() + timeout
-    timer = threading.Timer(timeout, proc.kill)  # a JVM that opens the pipe but stops reading: EPIPE, not a hang
+_DEV_FD = os.name == "posix" and os.path.isdir("/dev/fd")  # a process's open descriptors as paths (Linux, macOS)
+
+
+def _feed_pipe(fd: int, data: bytes, proc: subprocess.Popen, timeout: float) -> None:
+    """Write `data` into the table's pipe and close it; blocks while the JVM is busy booting, but never past its
+    death (EPIPE) nor `timeout` (the JVM is killed, then EPIPE)."""
+    timer = threading.Timer(timeout, proc.kill)  # a JVM that stops reading: EPIPE, not a hang
     timer.daemon = True
     timer.start()
     try:
-        _open_and_write(fifo, data, proc, deadline)
+        with os.fdopen(fd, "wb") as pipe:
+            pipe.write(data)
+    except BrokenPipeError:
+        raise JavaError("METEOR exited before reading its paraphrase table") from None
     finally:
         timer.cancel()
-
-
-def _open_and_write(fifo: Path, data: bytes, proc: subprocess.Popen, deadline: float) -> None:
-    while True:
-        try:
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO until the reader has opened it
-            break
-        except OSError as e:
-            if e.errno != errno.ENXIO:
-                raise
-        if proc.poll() is not None:
-            raise JavaError("METEOR exited before reading its paraphrase table")
-        if time.monotonic() > deadline:
-            raise JavaError("METEOR did not open its paraphrase table in time")
-        time.sleep(0.005)
-    os.set_blocking(fd, True)
-    with os.fdopen(fd, "wb") as pipe:
-        pipe.write(data)
 
 
 def meteor(tok_refs: list[list[str]], tok_hyps: list[str], timeout: float = 300.0,

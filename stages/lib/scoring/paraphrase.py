@@ -15,7 +15,8 @@ So `vocabulary()` computes, in Python, a superset of the words the Normalizer ca
 it against the Normalizer class of the jar itself), and the table is filtered against it through a word-id index
 built once per table into a cache directory
 (`$XDG_CACHE_HOME/lora-e2e` or `~/.cache/lora-e2e`, keyed by the table's path, size and mtime; built in a temporary
-directory and renamed into place, so a failed or concurrent build never leaves a partial index). Table words with
+directory and renamed into place, so a failed or concurrent build never leaves a partial index; a build is
+cancellable: it polls `cancelled()` at least every half second or so and raises `Cancelled`). Table words with
 non-ASCII characters (or longer than MAX_SUBSTRING) are treated as always present (a superset), so that Java/Python
 case-mapping differences cannot drop an entry. The probability lines are not kept (METEOR ignores them).
 """
@@ -29,6 +30,8 @@ import re
 import shutil
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +55,19 @@ class TableError(RuntimeError):
     """The paraphrase table cannot be indexed (missing, malformed) or the normaliser failed."""
 
 
+class Cancelled(Exception):
+    """The caller gave up on the build or the filtering (`cancelled()` said so); nothing is left behind."""
+
+
+def _never() -> bool:
+    return False
+
+
+def _check(cancelled: Callable[[], bool]) -> None:
+    if cancelled():
+        raise Cancelled("paraphrase table work cancelled")
+
+
 def cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "lora-e2e"
@@ -73,17 +89,20 @@ def _counts(lines: list[bytes]) -> np.ndarray:
     return np.bincount(line_of[starts], minlength=len(lines))
 
 
-def build_index(table: Path, dest: Path, chunk_bytes: int = 1 << 25) -> None:
+def build_index(table: Path, dest: Path, chunk_bytes: int = 1 << 25, cancelled: Callable[[], bool] = _never) -> None:
     """Word-id index of a METEOR paraphrase table: `words.txt` (one word per line, id = line number) and, per side
     (ref = the phrase, par = its paraphrase), the concatenated word ids and per-entry word counts. Streams the table
-    in chunks so that memory stays well under a gigabyte."""
+    in chunks so that memory stays well under a gigabyte. Polls `cancelled()` between steps of each chunk (each well
+    under a second on the 5.3 M-entry table) and raises `Cancelled`; nothing is on disk until the last step."""
     word_id: dict[bytes, int] = {}
     parts: dict[str, list] = {"ref_ids": [], "par_ids": [], "ref_counts": [], "par_counts": []}
     rest: list[bytes] = []
     tail = b""
     with gzip.open(table, "rb") as f:
         while True:
+            _check(cancelled)
             block = f.read(chunk_bytes)
+            _check(cancelled)
             data = tail + block
             if not block:
                 if data:
@@ -96,12 +115,15 @@ def build_index(table: Path, dest: Path, chunk_bytes: int = 1 << 25) -> None:
             whole = len(lines) - len(lines) % 3
             lines, rest = lines[:whole], lines[whole:]
             for side, phrases in (("ref", lines[1::3]), ("par", lines[2::3])):
+                _check(cancelled)
                 tokens = b" ".join(phrases).split()
                 counts = _counts(phrases)
                 if counts.sum() != len(tokens):
                     raise TableError("paraphrase table tokenisation mismatch")
+                _check(cancelled)
                 for w in set(tokens).difference(word_id):
                     word_id[w] = len(word_id)
+                _check(cancelled)
                 parts[f"{side}_ids"].append(np.fromiter(map(word_id.__getitem__, tokens), dtype=np.uint32,
                                                         count=len(tokens)))
                 parts[f"{side}_counts"].append(counts.astype(np.uint16))
@@ -110,6 +132,7 @@ def build_index(table: Path, dest: Path, chunk_bytes: int = 1 << 25) -> None:
     if rest:
         raise TableError(f"{table}: {len(rest)} trailing line(s), not three per entry")
     dtype = np.uint16 if len(word_id) < 2**16 else np.uint32
+    _check(cancelled)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=dest.parent))
     try:
         (tmp / "words.txt").write_bytes(b"".join(w + b"\n" for w in word_id))  # insertion order = id
@@ -131,7 +154,18 @@ def build_index(table: Path, dest: Path, chunk_bytes: int = 1 << 25) -> None:
 _BUILD_LOCK = threading.Lock()
 
 
-def ensure_index(table: Path, root: Path | None = None) -> Path:
+def _lock(lock, cancelled: Callable[[], bool]) -> None:
+    """flock(LOCK_EX) on `lock`, waiting for another builder without ever blocking past a cancellation."""
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes, or the process dies
+            return
+        except BlockingIOError:
+            _check(cancelled)
+            time.sleep(0.1)
+
+
+def ensure_index(table: Path, root: Path | None = None, cancelled: Callable[[], bool] = _never) -> Path:
     """The index of `table`, built first if the cache lacks it (one builder at a time, across processes too)."""
     dest = _index_dir(table, root or cache_root())
     if (dest / "meta.json").is_file():
@@ -139,9 +173,13 @@ def ensure_index(table: Path, root: Path | None = None) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _BUILD_LOCK, open(dest.parent / ".lock", "a+b") as lock:
         if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            _lock(lock, cancelled)
+            # We hold the lock, so no build is running: a `.build-*` left here is from a process killed while it
+            # wrote its index (a SIGKILL runs no cleanup), and goes.
+            for stale in dest.parent.glob(".build-*"):
+                shutil.rmtree(stale, ignore_errors=True)
         if not (dest / "meta.json").is_file():
-            build_index(table, dest)
+            build_index(table, dest, cancelled=cancelled)
     return dest
 
 
@@ -164,10 +202,12 @@ def _lines_of(words: np.ndarray, ids: np.ndarray, counts: np.ndarray, keep: np.n
     return [next(it) if c else "" for c in kept_counts.tolist()]
 
 
-def filtered(table: Path, vocabulary: set[str], root: Path | None = None) -> tuple[bytes, int]:
+def filtered(table: Path, vocabulary: set[str], root: Path | None = None,
+             cancelled: Callable[[], bool] = _never) -> tuple[bytes, int]:
     """The entries of `table` whose words all occur in `vocabulary`, in table order, as a gzipped table, and their
-    number. The probability line, which METEOR reads and discards, is written as 1."""
-    index = ensure_index(table, root)
+    number. The probability line, which METEOR reads and discards, is written as 1. `cancelled` as for build_index."""
+    index = ensure_index(table, root, cancelled)
+    _check(cancelled)
     raw = (index / "words.txt").read_bytes().split(b"\n")[:-1]
     words = np.array([w.decode("utf-8", "replace") for w in raw], dtype=object)
     # Non-ASCII table words count as present: keeps a superset whatever Java's and Python's case mappings do; so do
@@ -177,6 +217,7 @@ def filtered(table: Path, vocabulary: set[str], root: Path | None = None) -> tup
     keep = None
     sides = {}
     for side in ("ref", "par"):
+        _check(cancelled)
         ids = np.load(index / f"{side}_ids.npy")
         counts = np.load(index / f"{side}_counts.npy").astype(np.int64)
         starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
@@ -187,8 +228,11 @@ def filtered(table: Path, vocabulary: set[str], root: Path | None = None) -> tup
             ok = np.ones(len(counts), dtype=bool)
         keep = ok if keep is None else keep & ok
         sides[side] = (ids, counts)
+    _check(cancelled)
     refs = _lines_of(words, *sides["ref"], keep)
+    _check(cancelled)
     pars = _lines_of(words, *sides["par"], keep)
+    _check(cancelled)
     text = "".join(f"1\n{r}\n{p}\n" for r, p in zip(refs, pars)).encode()
     return gzip.compress(text, compresslevel=1), len(refs)
 
