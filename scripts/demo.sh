@@ -4,7 +4,7 @@
 # Builds a fresh git + DVC workspace in $1 (default: demo/), pretrains the small base model there
 # (stages/tools/tiny_base.py: GPT-2 Medium's stand-in), then runs the pipeline (`dvc repro`) with the overrides below
 # and commits the result as the workspace's baseline, so that afterwards, in that workspace,
-#   dvc exp run -S lora.rank=8   reruns only train@lora-110, generate@lora-110, score@lora-110 and report,
+#   dvc exp run -S lora.rank=8   reruns only train-lora@110, generate-lora@110, score-lora@110 and report,
 #   dvc metrics diff             shows what that changed, and dvc exp show lists both runs.
 set -euo pipefail
 export DVC_NO_ANALYTICS=1  # no usage reports from an offline demo
@@ -12,14 +12,15 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 ws=${1:-$here/demo}
 start=$SECONDS
 
-# The sample's splits are small, so: 2 epochs, a short warm-up, and higher learning rates than the paper's
-# (which are tuned for 42k examples x 5 epochs on GPT-2 Medium). Everything else is params.yaml's default.
+# The sample's splits are small, so: 2 epochs in both recipes, a short warm-up, and higher learning rates than the
+# paper's (which are tuned for 42k examples x 5 epochs on GPT-2 Medium). Everything else is params.yaml's default.
 overrides=(
   data.source=data/sample
   model.source=base-model
   'train.seeds=[110]'
-  train.epochs=2
-  train.warmup_steps=20
+  authors.train.epochs=2
+  authors.train.warmup_steps=20
+  li_liang.train.epochs=2
   lora.lr=0.005
   full.lr=0.0005
   runtime.generate_batch_size=20

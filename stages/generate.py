@@ -1,13 +1,9 @@
 """generate: beam-search one output per distinct test MR, in order of first appearance (the E2E scorers' format).
 
-Decoding follows the paper (Table 11, GPT-2 M on E2E): beam 10, length penalty 0.9, no repeated 4-grams, at
-most 64 new tokens. The authors' README runs gpt2_beam.py with length penalty 0.8; both are one parameter away.
-Like gpt2_beam.py, a finished hypothesis scores sum(log p) / length**penalty and the n-gram ban looks at the
-generated text only (transformers' own `no_repeat_ngram_size` would also ban 4-grams of the MR). Remaining
-differences: gpt2_beam.py drops finished beams from the search (its beam shrinks; transformers refills to 10)
-and collects finished hypotheses for all 64 steps, which `generate.early_stopping: never` approaches at about
-twice the decoding time (`true`, the default, stops once 10 hypotheses are finished).
-
+Three searches (a recipe's `generate.search`), each as its source code runs it: `authors` is gpt2_beam.py's (stages/lib/beam.py,
+Table 11's beam 10, length penalty 0.9, no repeated 4-grams of the output, 64 steps), then gpt2_decode.py's cut;
+`li-liang` is Li & Liang's fork's generate() (stages/lib/li_liang_beam.py), then run_generation.py's text; and
+`transformers` is transformers' own beam search. A method's recipe decides which one its runs use (README).
 `--method base` decodes with the pretrained model itself (no fine-tuning): the floor both methods must beat.
 LoRA is merged into the base weights before decoding (section 4.1: no added inference latency).
 """
@@ -25,7 +21,7 @@ import torch
 from transformers import GPT2LMHeadModel, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import SuppressTokensLogitsProcessor
 
-from stages.lib import authors_data, beam, cli, fidelity, gpt2, lora, speed
+from stages.lib import authors_data, beam, cli, fidelity, gpt2, li_liang, li_liang_beam, lora, speed
 from stages.lib import params as P
 from stages.lib import runtime
 from stages.lib.cli import InputError
@@ -33,9 +29,10 @@ from stages.lib.gpt2 import EOS
 from stages.lib.outputs import atomic_file, check_writable, write_json
 
 def config(p: P.Params, method: str) -> dict:
-    """What the outputs depend on: exactly the keys dvc.yaml declares for generate-base / generate@<method>-<seed>
+    """What the outputs depend on: exactly the keys dvc.yaml declares for generate-base / generate-<method>@<seed>
     (the model itself comes in as a file)."""
-    return {"decode": P.decode(p, method).model_dump(),
+    recipe = P.recipe(p, method)
+    return {"decode": P.decode(p, method).model_dump(), "layout": recipe.layout, "pad_token": recipe.pad_token,
             "speed": {"precision": p.speed.precision, "compile": p.speed.compile}}
 
 
@@ -45,19 +42,17 @@ def read_config(params: dict | P.Params, method: str = "base") -> dict:
     p = params if isinstance(params, P.Params) else P.validate(params)
     cfg = config(p, method)
     run = speed.resolve(p.speed, p.runtime, speed.device_type())
-    return {**cfg["decode"], "speed": run, "batch_size": p.runtime.generate_batch_size}
+    return {**cfg["decode"], "layout": cfg["layout"], "pad_token": cfg["pad_token"], "speed": run,
+            "batch_size": p.runtime.generate_batch_size}
 
 
-def newline_ids(tok) -> list[int]:
-    """Every token whose text contains a newline ("\\n", "\\n\\n", ".\\n", ...): Li & Liang decode with them banned."""
-    return [i for i in range(len(tok)) if "\n" in tok.decode([i])]
-
-
-def load_model(method: str, base: Path, model_dir: Path) -> GPT2LMHeadModel:
+def load_model(method: str, base: Path, model_dir: Path, pad_token: bool) -> GPT2LMHeadModel:
     """The model to decode with, every weight checked finite (a NaN model would write garbage and exit 0)."""
     if method == "full":
-        return gpt2.load_model(model_dir)
+        return gpt2.load_model(model_dir)  # its [PAD] row, if its recipe has one, was trained and saved with it
     model = gpt2.load_model(base)
+    if pad_token:  # the frozen [PAD] row LoRA trained beside, rebuilt as it was (stages/lib/li_liang.py)
+        li_liang.add_pad_row(model)
     if method == "lora":
         path = model_dir / "adapter.safetensors"
         try:
@@ -101,20 +96,32 @@ def one_line(text: str) -> str:
 
 @torch.no_grad()
 def generate(model, contexts: list[list[int]], cfg: dict, decode) -> list[str]:
-    """One output line per context, in input order, with the search `cfg["search"]` names."""
+    """One output line per context, in input order, with the search `cfg["search"]` names. `decode`: token ids ->
+    text with special tokens kept and no clean-up, as both authors' scripts decode."""
     model.eval()
     start = time.perf_counter()
-    if cfg["search"] == "authors":
-        # gpt2_beam.py's search (stages/lib/beam.py), then gpt2_decode.py's cut at <|endoftext|> and a blank line.
-        ids = []
-        for first in range(0, len(contexts), cfg["batch_size"]):  # batches of the search's own size: progress
-            ids += beam.authors_beam_search(
-                model, contexts[first:first + cfg["batch_size"]], num_beams=cfg["num_beams"],
-                length_penalty=cfg["length_penalty"], no_repeat_ngram_size=cfg["no_repeat_ngram_size"],
-                max_new_tokens=cfg["max_new_tokens"], eos_ids=cfg["eos_ids"], batch_size=cfg["batch_size"])
-            progress(len(ids), len(contexts), start)
-        return [one_line(authors_data.cut_like_gpt2_decode(decode(row))) for row in ids]
-    return transformers_search(model, contexts, cfg, decode, start)
+    if cfg["search"] == "transformers":
+        return transformers_search(model, contexts, cfg, decode, start)
+    outputs = []
+    for first in range(0, len(contexts), cfg["batch_size"]):  # batches of the search's own size: progress
+        batch = contexts[first:first + cfg["batch_size"]]
+        if cfg["search"] == "authors":
+            # gpt2_beam.py's search (stages/lib/beam.py), then gpt2_decode.py's cut at <|endoftext|> and a blank line.
+            ids = beam.authors_beam_search(
+                model, batch, num_beams=cfg["num_beams"], length_penalty=cfg["length_penalty"],
+                no_repeat_ngram_size=cfg["no_repeat_ngram_size"], max_new_tokens=cfg["max_new_tokens"],
+                eos_ids=cfg["eos_ids"], batch_size=cfg["batch_size"])
+            outputs += [authors_data.cut_like_gpt2_decode(decode(row)) for row in ids]
+        else:
+            # Li & Liang's fork's generate() (stages/lib/li_liang_beam.py), then run_generation.py's text.
+            ids = li_liang_beam.li_liang_beam_search(
+                model, batch, num_beams=cfg["num_beams"], max_new_tokens=cfg["max_new_tokens"],
+                length_penalty=cfg["length_penalty"], banned_ids=cfg["banned_ids"], eos_id=cfg["eos_ids"][0],
+                early_stopping=cfg["early_stopping"], batch_size=cfg["batch_size"])
+            outputs += [li_liang_beam.run_generation_text(decode, c, row, cfg["max_new_tokens"], cfg["eos_ids"][0])
+                        for c, row in zip(batch, ids)]
+        progress(len(outputs), len(contexts), start)
+    return [one_line(o) for o in outputs]
 
 
 def progress(done: int, total: int, start: float) -> None:
@@ -138,7 +145,7 @@ def transformers_search(model, contexts: list[list[int]], cfg: dict, decode, sta
             mask[i, width - len(c):] = 1
         ids, mask = ids.to(model.device), mask.to(model.device)
         ban = [NoRepeatNGramInOutput(cfg["no_repeat_ngram_size"], width)] if cfg["no_repeat_ngram_size"] else []
-        if cfg.get("banned_ids"):  # generate.ban_newlines: every token whose text holds a newline
+        if cfg["banned_ids"]:
             ban.append(SuppressTokensLogitsProcessor(cfg["banned_ids"], device=model.device))
         out = model.generate(
             input_ids=ids, attention_mask=mask, do_sample=False, num_beams=cfg["num_beams"],
@@ -146,7 +153,9 @@ def transformers_search(model, contexts: list[list[int]], cfg: dict, decode, sta
             max_new_tokens=cfg["max_new_tokens"], eos_token_id=cfg["eos_ids"], pad_token_id=EOS,
             early_stopping=cfg["early_stopping"],
         )
-        outputs += [one_line(decode(row)) for row in out[:, width:].cpu().tolist()]  # one copy per batch
+        rows = out[:, width:].cpu().tolist()  # one copy per batch; a row ends at an EOS, then pads (EOS too)
+        outputs += [one_line(decode(row[:next((i for i, t in enumerate(row) if t in cfg["eos_ids"]), len(row))]))
+                    for row in rows]
         progress(len(outputs), len(contexts), start)
     return outputs
 
@@ -163,24 +172,27 @@ def main(argv=None) -> int:
     runtime.keep_freed_memory()
     datasets.disable_progress_bars()
 
-    cfg = read_config(P.read(), args.method)
+    p = P.read()
+    cfg = read_config(p, args.method)
+    max_new = ("authors.generate.max_new_tokens" if args.method == "base"
+               else P.key_of(p, args.method, "generate", "max_new_tokens"))
     base, model_dir, out = Path(args.base), Path(args.model), Path(args.out)
     for path in (out, args.costs):
         check_writable(path)
-    test = gpt2.load_prepared(args.data, "test")
+    test = gpt2.load_prepared(Path(args.data) / cfg["layout"], "test")  # the layout the method trained on
     contexts = test["context_ids"]
     tok = gpt2.load_tokenizer(base / "tokenizer.json")
-    if cfg["ban_newlines"]:
-        cfg["banned_ids"] = newline_ids(tok)
+    if cfg["pad_token"]:
+        li_liang.add_pad_token(tok)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(args.method, base, model_dir).to(device)
+    model = load_model(args.method, base, model_dir, cfg["pad_token"]).to(device)
     longest = max(len(c) for c in contexts)
     gpt2.check_fits(model, longest + cfg["max_new_tokens"],
-                    f"longest test context ({longest}) + generate.max_new_tokens ({cfg['max_new_tokens']})")
+                    f"longest test context ({longest}) + {max_new} ({cfg['max_new_tokens']})")
     model = speed.compile_for_generation(model, cfg["speed"]["compile"])
     start = time.perf_counter()
     with speed.precision_context(cfg["speed"]["precision"], device):
-        preds = generate(model, contexts, cfg, lambda ids: tok.decode(ids, skip_special_tokens=True))
+        preds = generate(model, contexts, cfg, lambda ids: tok.decode(ids, clean_up_tokenization_spaces=False))
     seconds = time.perf_counter() - start
     with atomic_file(out) as f:
         f.writelines(p + "\n" for p in preds)

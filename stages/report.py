@@ -35,6 +35,8 @@ PAPER = {
     "lora": {"params": "0.35M", "bleu": "70.4±.1", "nist": "8.85±.02", "meteor": "46.8±.2", "rouge_l": "71.8±.1",
              "cider": "2.53±.02"},
 }
+# The recipe each method's row followed (params.yaml `<method>.recipe`).
+RECIPES = {"authors": "the LoRA authors' recipe", "li_liang": "Li & Liang's recipe"}
 GPT2_MEDIUM = {"n_layer": 24, "n_embd": 1024, "vocab_size": 50257}
 # MR fidelity (stages/lib/fidelity.py), shown when the score stage wrote it: (key, header, format).
 FIDELITY = [("distinct_outputs", "distinct outputs", "{:.0f}"), ("name_realised", "name realised", "{:.0%}"),
@@ -42,7 +44,8 @@ FIDELITY = [("distinct_outputs", "distinct outputs", "{:.0f}"), ("name_realised"
 
 
 def config(p: P.Params) -> dict:
-    return {"protocol": p.protocol, "seeds": list(p.train.seeds)}
+    return {"protocol": p.protocol, "seeds": list(p.train.seeds),
+            "recipes": {"lora": p.lora.recipe, "full": p.full.recipe}}
 
 
 def read_json(path: Path) -> dict:
@@ -87,8 +90,9 @@ def fmt_params(n: float) -> str:
     return f"{n / 1e6:.2f}M" if n >= 10_000 else f"{n:.0f}"
 
 
-def table(df: pd.DataFrame) -> list[str]:
-    """One row per method (mean ± std over its seeds), then the paper's rows; fidelity columns when present."""
+def table(df: pd.DataFrame, recipes: dict[str, str]) -> list[str]:
+    """One row per method (mean ± std over its seeds), named with the recipe that made it, then the paper's rows;
+    fidelity columns when present."""
     fidelity = [f for f in FIDELITY if f[0] in df and df[f[0]].notna().all()]
     head = ("| run | seeds | trainable params | " + " | ".join(m[1] for m in METRICS)
             + "".join(f" | {f[1]}" for f in fidelity) + " | train time (s) | peak memory (MB) |")
@@ -98,7 +102,8 @@ def table(df: pd.DataFrame) -> list[str]:
         cells += [fmt.format(group[k].mean()) for k, _, fmt in fidelity]
         cells += [cell(group[k], 1) if k in group else "–" for k in ("train_time_s", "peak_memory_mb")]
         n = "–" if method == "base" else str(len(group))
-        rows.append(f"| ours: {METHODS[method]} | {n} | {fmt_params(group['trainable_params'].iloc[0])} | "
+        name = METHODS[method] + (f" ({RECIPES[recipes[method]]})" if method in recipes else "")
+        rows.append(f"| ours: {name} | {n} | {fmt_params(group['trainable_params'].iloc[0])} | "
                     + " | ".join(cells) + " |")
     for method in ("full", "lora"):
         p = PAPER[method]
@@ -194,7 +199,7 @@ def main(argv=None) -> int:
              "BLEU, METEOR and ROUGE-L in %, as the paper prints them; "
              + (f"mean ± sample standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))})"
                 if len(seeds) > 1 else f"one run per method (seed {seeds[0]}), so no spread")
-             + f"; test set of {int(df['test_mrs'].iloc[0])} MRs.", "", *table(df), "",
+             + f"; test set of {int(df['test_mrs'].iloc[0])} MRs.", "", *table(df, cfg["recipes"]), "",
              *fidelity_note(df), "![training loss](plots/loss.png)", "", "![metrics](plots/metrics.png)", ""]
     with atomic_dir(args.plots) as plots:
         plot_loss(Path(args.live), seeds, plots / "loss.png")

@@ -25,7 +25,7 @@ from transformers import (GPT2LMHeadModel, PrinterCallback, Trainer, TrainerCall
                           TrainingArguments)
 from transformers.integrations import DVCLiveCallback
 
-from stages.lib import checkpoints, cli, code, gpt2, lora, speed
+from stages.lib import checkpoints, cli, code, gpt2, li_liang, lora, optim, speed
 from stages.lib import params as P
 from stages.lib import runtime
 from stages.lib.cli import InputError, RunError
@@ -37,9 +37,13 @@ LOG_EVERY = 0.02  # a log line, and the loss in log_history.json, every 2% of th
 
 
 def config(p: P.Params, method: str) -> dict:
-    """What a run's weights depend on: exactly the keys dvc.yaml declares for train@<method>-<seed>."""
-    return {"loop": P.loop(p, method).model_dump(), method: getattr(p, method).model_dump(),
-            "speed": p.speed.model_dump()}
+    """What a run's weights depend on: exactly the keys dvc.yaml declares for train-<method>@<seed> (the method's own
+    keys, its recipe's layout, [PAD] and training loop with the method's `train` keys over it, processes, speed)."""
+    recipe = P.recipe(p, method)
+    return {"recipe": getattr(p, method).recipe, "layout": recipe.layout, "pad_token": recipe.pad_token,
+            "loop": P.loop(p, method).model_dump(),
+            method: getattr(p, method).model_dump(exclude={"recipe", "train", "generate"}),
+            "processes": p.train.processes, "speed": p.speed.model_dump()}
 
 
 def read_config(params: dict | P.Params, method: str, seed: int = 0) -> dict:
@@ -49,7 +53,9 @@ def read_config(params: dict | P.Params, method: str, seed: int = 0) -> dict:
     if seed < 0:
         raise P.ParamError(f"train.seeds: a seed must be >= 0, got {seed}")
     cfg = config(p, method)
-    return {**cfg["loop"], **cfg[method], "seed": seed, "checkpoint_steps": p.runtime.checkpoint_steps,
+    return {**cfg["loop"], **cfg[method], "layout": cfg["layout"], "pad_token": cfg["pad_token"],
+            "processes": cfg["processes"], "recipe": cfg["recipe"], "seed": seed,
+            "checkpoint_steps": p.runtime.checkpoint_steps,
             "speed": speed.resolve(p.speed, p.runtime, speed.device_type())}
 
 
@@ -142,6 +148,8 @@ def peak_memory_mb() -> tuple[float, str]:
 def build_model(base_dir: Path, method: str, cfg: dict) -> GPT2LMHeadModel:
     # GPT-2's own dropouts, set for both methods alike (the authors' model.py has none).
     model = gpt2.load_model(base_dir, dropout=cfg["gpt2_dropout"])
+    if cfg["pad_token"]:  # Li & Liang's [PAD] row, before LoRA freezes the base (it stays frozen there)
+        li_liang.add_pad_row(model)
     if method == "lora":
         lora.add_lora(model, rank=cfg["rank"], alpha=cfg["alpha"], dropout=cfg["dropout"],
                       targets=tuple(cfg["targets"]))
@@ -169,6 +177,24 @@ def training_args(cfg: dict, output_dir: str, log_every: int) -> TrainingArgumen
            if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else {}),
         ddp_find_unused_parameters=False,  # every trainable weight takes part in every step
     )
+
+
+class E2ETrainer(Trainer):
+    """The transformers Trainer, with the authors' AdamW (stages/lib/optim.py) when train.optimizer is `authors`:
+    epsilon outside the bias correction, weight decay after the update, one parameter group (optimizer.py), the
+    arithmetic of Li & Liang's fork's AdamW too. `torch` is the Trainer's own torch.optim.AdamW."""
+
+    def __init__(self, *args, optimizer_name: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.optimizer_name = optimizer_name
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.optimizer_name == "authors":
+            a = self.args
+            self.optimizer = optim.AuthorsAdamW(optim.authors_param_groups(model or self.model), lr=a.learning_rate,
+                                                betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
+                                                weight_decay=a.weight_decay, correct_bias=True)
+        return super().create_optimizer(model)
 
 
 class CheckpointAtLogs(TrainerCallback):
@@ -238,11 +264,13 @@ def main(argv=None) -> int:
         check_writable(path)
     if cfg["processes"] > 1 and "LOCAL_RANK" not in os.environ:  # the launcher sets LOCAL_RANK in each worker
         return launch(cfg["processes"], list(sys.argv[1:] if argv is None else argv))
-    data, base = Path(args.data), Path(args.base)
+    base = Path(args.base)
+    data = Path(args.data) / cfg["layout"]  # preprocess wrote every layout; the recipe picks one
     train_set, eval_set = gpt2.load_prepared(data, "train"), gpt2.load_prepared(data, "validation")
     steps = optimizer_steps(len(train_set), cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg["warmup_steps"] > steps:  # the learning rate would never reach the one asked for
-        raise P.ParamError(f"train.warmup_steps={cfg['warmup_steps']} > this run's {steps} optimizer steps "
+        raise P.ParamError(f"{P.key_of(p, args.method, 'train', 'warmup_steps')}={cfg['warmup_steps']} > this run's "
+                           f"{steps} optimizer steps "
                            f"({len(train_set)} examples, {cfg['epochs']:g} epochs, batch {cfg['batch_size']})")
     identity = gpt2.base_identity(base)
 
@@ -274,8 +302,8 @@ def main(argv=None) -> int:
     callbacks = [StopOnNonFinite(), live_metrics, CheckpointAtLogs(cfg["checkpoint_steps"] if args.checkpoints else 0)]
     if targs.disable_tqdm and targs.process_index == 0:
         callbacks.append(EpochSummary(f"train-{args.method}"))
-    trainer = Trainer(model=model, args=targs, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=gpt2.collate, callbacks=callbacks)
+    trainer = E2ETrainer(model=model, args=targs, train_dataset=train_set, eval_dataset=eval_set,
+                         data_collator=gpt2.collate, callbacks=callbacks, optimizer_name=cfg["optimizer"])
     trainer.remove_callback(PrinterCallback)  # a dict per log on stdout: EpochSummary and DVCLive say it better
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -297,7 +325,8 @@ def main(argv=None) -> int:
         else:
             model.save_pretrained(out, safe_serialization=True)
         write_json(out / "train_info.json", {
-            "method": args.method, "trainable_params": trainable, "steps": trainer.state.global_step,
+            "method": args.method, "recipe": cfg["recipe"], "trainable_params": trainable,
+            "steps": trainer.state.global_step,
             "device": device, "peak_memory_kind": peak_kind,
         })
         write_json(out / "log_history.json", deterministic_log(trainer.state.log_history))

@@ -122,7 +122,8 @@ BIN = Path(__import__("sys").executable).parent
 # an epoch, short beams; two copy steps and no copy gate (one layer cannot copy: tests/test_tiny_base.py covers it).
 TINY_DEMO = {
     "DEMO_BASE_ARGS": "--layers 1 --width 32 --heads 2 --epochs 0.2 --copy-steps 2 --min-copy-accuracy 0",
-    "DEMO_OVERRIDES": "train.epochs=0.1 train.warmup_steps=0 generate.num_beams=2 generate.max_new_tokens=8",
+    "DEMO_OVERRIDES": " ".join(f"{r}.{k}" for r in ("authors", "li_liang") for k in (
+        "train.epochs=0.1", "train.warmup_steps=0", "generate.num_beams=2", "generate.max_new_tokens=8")),
 }
 
 

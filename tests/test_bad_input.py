@@ -33,7 +33,8 @@ def ws(tmp_path_factory):
     return make_workspace(tmp_path_factory.mktemp("ws"), FAST)
 
 
-FAST = {"train.epochs": 1, "train.warmup_steps": 0, "generate.num_beams": 1, "generate.max_new_tokens": 4}
+FAST = {f"{recipe}.{key}": value for recipe in ("authors", "li_liang") for key, value in (
+    ("train.epochs", 1), ("train.warmup_steps", 0), ("generate.num_beams", 1), ("generate.max_new_tokens", 4))}
 # The DVCLive log of a run that fails mid-training is kept for diagnosis (the loss curve up to the NaN): outside out/.
 TRAIN = ["stages.train", "--method", "lora", "--seed", "110", "--data", "data/prepared", "--base", "models/base",
          "--out", "out/lora", "--costs", "out/costs.json", "--live", "live/train"]
@@ -102,13 +103,13 @@ def make_dir_at_out(ws):
 
 # id: (command, params overrides, edit of the workspace, exit status, what the one line must name)
 CASES = {
-    "label smoothing nan": (TRAIN, {"train.label_smoothing": math.nan}, None, 2, "train.label_smoothing"),
-    "epochs inf": (TRAIN, {"train.epochs": math.inf}, None, 2, "train.epochs must be a finite number"),
+    "label smoothing nan": (TRAIN, {"authors.train.label_smoothing": math.nan}, None, 2, "train.label_smoothing"),
+    "epochs inf": (TRAIN, {"authors.train.epochs": math.inf}, None, 2, "train.epochs must be a finite number"),
     "lr nan (full)": (TRAIN_FULL, {"full.lr": math.nan}, None, 2, "full.lr"),
     "negative seed": (replace_arg(TRAIN, "--seed", "-1"), {}, None, 2, "train.seeds: a seed must be >= 0"),
     "lora targets empty": (TRAIN, {"lora.targets": []}, None, 2, "lora.targets"),
     "lora targets duplicate": (TRAIN, {"lora.targets": ["q", "q"]}, None, 2, "lora.targets: duplicates"),
-    "length penalty nan": (GENERATE, {"generate.length_penalty": math.nan}, None, 2, "generate.length_penalty"),
+    "length penalty nan": (GENERATE, {"authors.generate.length_penalty": math.nan}, None, 2, "generate.length_penalty"),
     "base weights nan (train)": (TRAIN, {}, nan_weights, 2, "model.safetensors: 1 weight tensors hold NaN"),
     "base weights nan (generate)": (GENERATE, {}, nan_weights, 2, "model.safetensors: 1 weight tensors hold NaN"),
     "loss diverges": (TRAIN_FULL, {"full.lr": 1e30}, None, 1, "at step"),
@@ -140,9 +141,9 @@ CASES = {
     "download weights nan": (DOWNLOAD_MODEL, local_sources, nan_weights, 2, "hold NaN"),
     "unknown key": (TRAIN, {"lora.rnak": 8}, None, 2, "unknown parameter lora.rnak"),
     "seeds duplicated": (TRAIN, {"train.seeds": [110, 110]}, None, 2, "train.seeds: duplicates in [110, 110]"),
-    "warm-up longer than the run": (TRAIN, {"train.warmup_steps": 10**12}, None, 2,
+    "warm-up longer than the run": (TRAIN, {"authors.train.warmup_steps": 10**12}, None, 2,
                                     "train.warmup_steps=1000000000000 > this run's"),
-    "warm-up not an integer": (TRAIN, {"train.warmup_steps": 1e12}, None, 2,
+    "warm-up not an integer": (TRAIN, {"authors.train.warmup_steps": 1e12}, None, 2,
                                "train.warmup_steps must be an integer, got 1000000000000.0"),
     "max length beyond positions": (PREPROCESS, {"preprocess.max_length": 512}, None, 2,
                                     "preprocess.max_length=512 > the base model's 128 positions"),

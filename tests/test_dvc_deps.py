@@ -21,35 +21,41 @@ def stage_modules() -> set[str]:
     return {f"{PACKAGE}.{p.stem}" for p in (ROOT / PACKAGE).glob("*.py") if p.stem != "__init__"}
 
 
-def expand(stages: dict) -> dict[str, dict]:
-    """foreach and matrix stages as DVC names them (`generate@lora-110`), ${item...} substituted; a matrix's
-    lists may come from params.yaml (`${train.seeds}`)."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+def expand(stages: dict, params: dict | None = None) -> dict[str, dict]:
+    """foreach and matrix stages as DVC names them (`train-lora@110`, `x@lora-110`), ${item...} substituted, and
+    every other ${key} outside `cmd` taken from params.yaml (or `params`) as DVC takes it (`${lora.recipe}.train`);
+    in `cmd` it stays, to say which keys DVC writes into the command."""
+    params = params if params is not None else yaml.safe_load((ROOT / "params.yaml").read_text())
 
-    def lookup(value):
-        if isinstance(value, str) and value.startswith("${"):
-            node = params
-            for part in value[2:-1].split("."):
-                node = node[part]
-            return node
-        return value
+    def lookup(key: str):
+        node = params
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    def resolve(body: dict, items: dict) -> dict:
+        text = yaml.safe_dump({k: v for k, v in body.items() if k != "cmd"}, width=10_000)
+        for key, value in items.items():
+            text = text.replace("${%s}" % key, str(value))
+        text = re.sub(r"\$\{([\w.]+)\}", lambda m: str(lookup(m.group(1))), text)
+        cmd = body.get("cmd", "")
+        for key, value in items.items():
+            cmd = cmd.replace("${%s}" % key, str(value))
+        return {**yaml.safe_load(text), "cmd": cmd}
 
     out = {}
     for name, stage in stages.items():
         if "foreach" in stage:
-            for item in stage["foreach"]:
-                text = yaml.safe_dump(stage["do"]).replace("${item}", str(item))
-                out[f"{name}@{item}"] = yaml.safe_load(text)
+            items = stage["foreach"]
+            for item in lookup(items[2:-1]) if isinstance(items, str) else items:
+                out[f"{name}@{item}"] = resolve(stage["do"], {"item": item})
         elif "matrix" in stage:
-            axes = {k: lookup(v) for k, v in stage["matrix"].items()}
+            axes = {k: lookup(v[2:-1]) if isinstance(v, str) else v for k, v in stage["matrix"].items()}
             body = {k: v for k, v in stage.items() if k != "matrix"}
             for combo in itertools.product(*axes.values()):
-                text = yaml.safe_dump(body)
-                for key, value in zip(axes, combo):
-                    text = text.replace("${item.%s}" % key, str(value))
-                out[f"{name}@{'-'.join(map(str, combo))}"] = yaml.safe_load(text)
+                out[f"{name}@{'-'.join(map(str, combo))}"] = resolve(body, {f"item.{k}": v for k, v in zip(axes, combo)})
         else:
-            out[name] = stage
+            out[name] = resolve(stage, {})
     return out
 
 

@@ -24,50 +24,55 @@ from stages.lib import params as P
 from test_dvc_deps import expand
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = {"train@lora", "train@full"}
-DECODE = {"generate-base", "generate@lora", "generate@full"}
-SCORE = {"score-base", "score@lora", "score@full"}
+TRAIN = {"train-lora", "train-full"}
+DECODE = {"generate-base", "generate-lora", "generate-full"}
+SCORE = {"score-base", "score-lora", "score-full"}
 NOTHING: set[str] = set()
+# A recipe's train and generate keys: a new value each, and keys to set with it where the new value needs them.
+LOOP = {"epochs": 3, "batch_size": 4, "label_smoothing": 0.05, "warmup_steps": 7, "max_grad_norm": 0.5,
+        "adam_epsilon": 1e-7, "gpt2_dropout": 0.05, "optimizer": "torch"}
+DECODING = {"search": ("transformers", {}), "eos_ids": ([50256, 13], {"search": "transformers"}),
+            "num_beams": (3, {}), "length_penalty": (0.7, {}), "no_repeat_ngram_size": (3, {"search": "transformers"}),
+            "max_new_tokens": (32, {}), "early_stopping": ("never", {"search": "transformers"}),
+            "banned_ids": ([13], {"search": "transformers"})}
 
-# key: (new value, the stages (matrix stages by name@method, every seed) it reruns[, keys set before and after])
+
+def recipe_rows(name: str, layout: str, pad_token: bool, train: set[str], decode: set[str]) -> dict:
+    rows = {f"{name}.layout": (layout, {*train, *decode}), f"{name}.pad_token": (pad_token, {*train, *decode})}
+    rows |= {f"{name}.train.{k}": (v, train) for k, v in LOOP.items()}
+    rows |= {f"{name}.generate.{k}": (v, decode, {f"{name}.generate.{c}": w for c, w in context.items()})
+             for k, (v, context) in DECODING.items()}
+    return rows
+
+
+# key: (new value, the stages it reruns (foreach stages by name, every seed)[, other keys set before and after])
 CHANGES = {
     "protocol": ("e2e", {"download-data", "preprocess", *SCORE, "report"}),
     "data.source": ("data/sample-copy", {"download-data"}),
     "model.source": ("base-model-copy", {"download-model"}),
-    "preprocess.format": ("equals", {"preprocess"}),
     "preprocess.max_length": (100, {"preprocess"}),
     "train.seeds": ([110, 111], {"report"}),  # and the new seed's runs (test_dvc_status_reruns_exactly_the_row)
-    "train.epochs": (3, TRAIN),
-    "train.batch_size": (4, TRAIN),
     "train.processes": (2, TRAIN),
-    "train.label_smoothing": (0.0, TRAIN),
-    "train.warmup_steps": (7, TRAIN),
-    "train.max_grad_norm": (1.0, TRAIN),
-    "train.adam_epsilon": (1e-8, TRAIN),
-    "train.gpt2_dropout": (0.1, TRAIN),
-    "train.lora": ({"epochs": 1}, {"train@lora"}),
-    "train.full": ({"epochs": 1}, {"train@full"}),
-    "lora.rank": (8, {"train@lora"}),
-    "lora.alpha": (16, {"train@lora"}),
-    "lora.dropout": (0.0, {"train@lora"}),
-    "lora.targets": (["q", "k", "v", "o"], {"train@lora"}),
-    "lora.lr": (0.001, {"train@lora"}),
-    "lora.weight_decay": (0.0, {"train@lora"}),
-    "full.lr": (0.0001, {"train@full"}),
-    "full.weight_decay": (0.0, {"train@full"}),
+    "lora.recipe": ("li_liang", {"train-lora", "generate-lora", "report"}),
+    "lora.rank": (8, {"train-lora"}),
+    "lora.alpha": (16, {"train-lora"}),
+    "lora.dropout": (0.0, {"train-lora"}),
+    "lora.targets": (["q", "k", "v", "o"], {"train-lora"}),
+    "lora.lr": (0.001, {"train-lora"}),
+    "lora.weight_decay": (0.0, {"train-lora"}),
+    "lora.train": ({"epochs": 1}, {"train-lora"}),
+    "lora.generate": ({"num_beams": 3}, {"generate-lora"}),
+    "full.recipe": ("authors", {"train-full", "generate-full", "report"}),
+    "full.lr": (0.0001, {"train-full"}),
+    "full.weight_decay": (0.01, {"train-full"}),
+    "full.train": ({"epochs": 1}, {"train-full"}),
+    "full.generate": ({"num_beams": 3}, {"generate-full"}),
+    # the authors' recipe: LoRA's runs, and the base's decoding; Li & Liang's: full fine-tuning's (the defaults)
+    **recipe_rows("authors", "equals", True, {"train-lora"}, {"generate-base", "generate-lora"}),
+    **recipe_rows("li_liang", "paper", False, {"train-full"}, {"generate-full"}),
     "speed.precision": ("bf16", {*TRAIN, *DECODE}),
     "speed.compile": (True, {*TRAIN, *DECODE}),
     "speed.group_by_length": (True, TRAIN),
-    "generate.search": ("transformers", DECODE),
-    "generate.eos_ids": ([50256], DECODE),
-    "generate.num_beams": (3, DECODE),
-    "generate.length_penalty": (1.0, DECODE),
-    "generate.no_repeat_ngram_size": (0, DECODE),
-    "generate.max_new_tokens": (32, DECODE),
-    "generate.early_stopping": ("never", DECODE),
-    "generate.ban_newlines": (True, DECODE, {"generate.search": "transformers"}),
-    "generate.lora": ({"num_beams": 3}, {"generate@lora"}),
-    "generate.full": ({"num_beams": 3}, {"generate@full"}),
     "score.mode": ("perl", SCORE),
     "runtime.dataloader_workers": (1, NOTHING),
     "runtime.pin_memory": (False, NOTHING),
@@ -99,8 +104,8 @@ def row(key: str):
 
 
 def group(stage: str) -> str:
-    """`train@lora-110` -> `train@lora`: a matrix stage's row covers every seed."""
-    return re.sub(r"-\d+$", "", stage)
+    """`train-lora@110` -> `train-lora`: a foreach stage's row covers every seed."""
+    return re.sub(r"@\d+$", "", stage)
 
 
 def test_every_params_key_has_a_row():
@@ -210,7 +215,7 @@ def test_dvc_status_reruns_exactly_the_row(status_ws, key):
     finally:
         params.write_bytes(original)
     if key == "train.seeds":  # the demo trains seed 110: a second seed adds its runs, the others stay cached
-        assert reported == {"report", *(f"{s}@{m}-111" for s in ("train", "generate", "score") for m in ("lora", "full"))}
+        assert reported == {"report", *(f"{s}-{m}@111" for s in ("train", "generate", "score") for m in ("lora", "full"))}
     else:
         assert {group(s) for s in reported} == stages
 

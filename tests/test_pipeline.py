@@ -12,8 +12,8 @@ import re
 from conftest import ROOT, run
 
 METRICS = {"bleu", "nist", "meteor", "rouge_l", "cider", "trainable_params"}
-ALL_STAGES = {"download-data", "download-model", "preprocess", "train@lora-110", "train@full-110", "generate-base",
-              "generate@lora-110", "generate@full-110", "score-base", "score@lora-110", "score@full-110", "report"}
+ALL_STAGES = {"download-data", "download-model", "preprocess", "train-lora@110", "train-full@110", "generate-base",
+              "generate-lora@110", "generate-full@110", "score-base", "score-lora@110", "score-full@110", "report"}
 
 
 def stages_run(output: str) -> set[str]:
@@ -34,6 +34,7 @@ def test_demo_runs_every_stage_and_reports(demo_workspace):
     row = next(line for line in report.splitlines() if line.startswith("| ours: LoRA"))
     assert [c.strip() for c in row.strip("|").split("|")][3] == f"{lora['bleu']:.2f}"
     assert "Miniature run, not the paper's setting" in report and "paper: GPT-2 M (LoRA)" in report
+    assert "| ours: full fine-tuning (Li & Liang's recipe) |" in report  # each row names the recipe that made it
     summary = json.loads((ws / "metrics" / "summary.json").read_text())
     assert summary["lora"]["n"] == 1 and summary["lora"]["bleu"] == {"mean": lora["bleu"]}  # no std of one run
     assert (ws / "metrics" / "plots" / "loss.png").stat().st_size > 0
@@ -53,7 +54,7 @@ def test_dvc_plots_show_renders_offline(demo_copy, tmp_path):
 
 def test_lora_knob_reruns_only_the_lora_branch(demo_copy):
     out = run(["dvc", "exp", "run", "-S", "lora.rank=8"], cwd=demo_copy)
-    assert stages_run(out) == {"train@lora-110", "generate@lora-110", "score@lora-110", "report"}
+    assert stages_run(out) == {"train-lora@110", "generate-lora@110", "score-lora@110", "report"}
     assert "No file hash info found" not in out and "loss_type" not in out  # nothing a user cannot act on
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], cwd=demo_copy))
     assert diff["metrics/scores/lora-s110.json"]["trainable_params"] == {"old": 512, "new": 1024, "diff": 512}
@@ -78,8 +79,8 @@ def test_exp_show_reads_like_table_3(demo_copy):
 
 def test_a_second_seed_trains_only_its_runs_and_the_report_shows_a_spread(demo_copy):
     out = run(["dvc", "exp", "run", "-S", "train.seeds=[110,111]"], cwd=demo_copy)
-    assert stages_run(out) == {"train@lora-111", "train@full-111", "generate@lora-111", "generate@full-111",
-                               "score@lora-111", "score@full-111", "report"}
+    assert stages_run(out) == {"train-lora@111", "train-full@111", "generate-lora@111", "generate-full@111",
+                               "score-lora@111", "score-full@111", "report"}
     report = (demo_copy / "metrics" / "report.md").read_text()
     assert "over 2 seeds (110, 111)" in report
     lora_row = next(line for line in report.splitlines() if line.startswith("| ours: LoRA"))

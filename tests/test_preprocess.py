@@ -89,9 +89,9 @@ def test_stage_writes_train_validation_and_test_by_mr(params_file, raw_dir, tmp_
         lambda name: read_e2e_csv(raw_dir / name))
     names = {split: PROTOCOLS[protocol].raw_name(split) for split in ("train", "test")}
     rows = read_rows(names["train"])
-    assert [(t["input_ids"], t["n_context"]) for t in read(out / "train")] == [
+    assert [(t["input_ids"], t["n_context"]) for t in read(out / "paper" / "train")] == [
         tuple(encode_example(load_tokenizer(TOKENIZER), mr, ref, "paper").values()) for mr, ref in rows]
-    test = read(out / "test")
+    test = read(out / "paper" / "test")
     groups = (authors_data.group_references if protocol == "authors" else group_by_mr)(read_rows(names["test"]))
     assert [(t["mr"], t["refs"]) for t in test] == groups
     assert all(t["context_ids"][-1] == EOS for t in test)
@@ -105,7 +105,7 @@ def test_both_protocols_hold_the_same_mrs_and_references_up_to_tokenisation(para
     tests = {}
     for protocol in ("authors", "e2e"):
         params_file(protocol=protocol)
-        tests[protocol] = read(run(raw_dir, tmp_path / protocol) / "test")
+        tests[protocol] = read(run(raw_dir, tmp_path / protocol) / "paper" / "test")
     assert [len(t["refs"]) for t in tests["authors"]] == [len(t["refs"]) for t in tests["e2e"]]
     assert tests["authors"][0]["mr"].startswith("name : ") and tests["e2e"][0]["mr"].startswith("name[")
 
@@ -159,7 +159,7 @@ def test_too_long_test_mr_is_an_error_in_preprocess(params_file, raw_dir, tmp_pa
     assert not (tmp_path / "prepared").exists()
 
 
-@pytest.mark.parametrize("key, value", [("preprocess.format", "chat"), ("preprocess.max_length", 0)])
+@pytest.mark.parametrize("key, value", [("preprocess.max_length", 0), ("preprocess.max_length", 8.5)])
 def test_bad_params_name_the_parameter(params_file, raw_dir, tmp_path, key, value):
     params_file(**{key.replace(".", "__"): value})
     with pytest.raises(ParamError, match=key):
@@ -172,3 +172,13 @@ def test_max_length_beyond_the_models_positions_is_refused_before_any_work(param
     with pytest.raises(ParamError, match=r"preprocess.max_length=512 > the base model's 128 positions \(.*config.json\)"):
         run(raw_dir, tmp_path, n_positions=128)
     assert not (tmp_path / "prepared").exists()
+
+
+def test_every_layout_holds_the_same_rows_mrs_and_order(params_file, raw_dir, tmp_path):
+    """A recipe picks its layout from one preprocess output: the same examples and test MRs in each, in order."""
+    out = run(raw_dir, tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == ["equals", "li-liang", "paper", "test-refs.txt"]
+    for split in ("train", "validation", "test"):
+        sizes = {layout: len(read(out / layout / split)) for layout in preprocess.LAYOUTS}
+        assert len(set(sizes.values())) == 1, (split, sizes)
+    assert read(out / "li-liang" / "test")[0]["mr"] == read(out / "paper" / "test")[0]["mr"]

@@ -22,8 +22,8 @@ TRAIN = ["-m", "stages.train", "--method", "lora", "--seed", "110", "--data", "d
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     return make_workspace(tmp_path_factory.mktemp("procs"), {
-        "train.epochs": 2, "train.warmup_steps": 0, "train.batch_size": 4, "lora.lr": 0.05, "train.processes": 2,
-        "generate.num_beams": 2, "generate.max_new_tokens": 6}, train_mrs=4)
+        "authors.train.epochs": 2, "authors.train.warmup_steps": 0, "authors.train.batch_size": 4, "lora.lr": 0.05,
+        "train.processes": 2, "authors.generate.num_beams": 2, "authors.generate.max_new_tokens": 6}, train_mrs=4)
 
 
 def run(ws, args, env=None, timeout=900):
@@ -41,7 +41,7 @@ def trained(ws):
 
 def test_two_processes_both_train_on_their_shard(trained):
     ws, _ = trained
-    n = len(datasets.load_from_disk(str(ws / "data/prepared/train")))
+    n = len(datasets.load_from_disk(str(ws / "data/prepared/paper/train")))
     info = json.loads((ws / "models/lora/train_info.json").read_text())
     # Each step, each of the 2 ranks takes a batch of 4: the data is split between them, not repeated.
     assert info["steps"] == 2 * math.ceil(n / (2 * 4))

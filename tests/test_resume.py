@@ -33,8 +33,8 @@ HANG = ("import os, time\n"
         "    torch.optim.AdamW.step = slow\n")
 # 23 examples, batch 1, 3 epochs: 69 steps, a log every ceil(0.02 * 69) = 2 steps. A checkpoint asked for every 3
 # steps is written at the next log step (4, 8, ...), never between two logs, where a resume would log another loss.
-SETTINGS = {"train.epochs": 3, "train.warmup_steps": 0, "train.batch_size": 1, "lora.lr": 0.05,
-            "runtime.checkpoint_steps": 3}
+SETTINGS = {"authors.train.epochs": 3, "authors.train.warmup_steps": 0, "authors.train.batch_size": 1,
+            "lora.lr": 0.05, "runtime.checkpoint_steps": 3}
 
 
 @pytest.fixture(scope="module")

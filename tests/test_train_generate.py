@@ -53,8 +53,9 @@ def prepared(params_file, raw_dir, base_dir, tmp_path):
 
 
 def fast_params(params_file, **more):
-    return params_file(train__epochs=1, train__warmup_steps=0, generate__num_beams=2, generate__max_new_tokens=6,
-                       preprocess__max_length=TINY["n_positions"], **more)
+    fast = {f"{recipe}__{key}": value for recipe in ("authors", "li_liang") for key, value in (
+        ("train__epochs", 1), ("train__warmup_steps", 0), ("generate__num_beams", 2), ("generate__max_new_tokens", 6))}
+    return params_file(**fast, preprocess__max_length=TINY["n_positions"], **more)
 
 
 def run_train(method, prepared, base_dir, out, costs=None):
@@ -75,9 +76,11 @@ def test_train_saves_weights_info_and_loss_history(params_file, prepared, base_d
     run_train(method, prepared, base_dir, out)
     info = json.loads((out / "train_info.json").read_text())
     n_layer, d = TINY["n_layer"], TINY["n_embd"]
+    # full fine-tuning follows Li & Liang's recipe by default: every weight, and their [PAD] row (d more)
     expected = n_layer * 2 * 2 * 4 * d if method == "lora" else sum(
-        p.numel() for p in GPT2LMHeadModel.from_pretrained(base_dir).parameters())
+        p.numel() for p in GPT2LMHeadModel.from_pretrained(base_dir).parameters()) + d
     assert info["trainable_params"] == expected
+    assert info["recipe"] == {"lora": "authors", "full": "li_liang"}[method]
     assert info["steps"] > 0 and info["device"] == "cpu"
     costs = json.loads((tmp_path / f"costs-{method}.json").read_text())
     assert costs["train_time_s"] >= 0 and costs["peak_memory_mb"] > 0 and costs["train_tokens_per_s"] > 0
@@ -90,7 +93,7 @@ def test_train_saves_weights_info_and_loss_history(params_file, prepared, base_d
     assert not [k for h in history for k in h if k.endswith(("_runtime", "_per_second"))]  # timings: in costs
     live = tmp_path / f"live-{method}"
     summary = json.loads((live / "metrics.json").read_text())  # what `dvc exp show` lists
-    assert math.isfinite(summary["eval"]["loss"]) and "tokens_per_s" not in summary["train"]  # a timing: in costs
+    assert math.isfinite(summary["eval"]["loss"]) and "tokens_per_s" not in json.dumps(summary)  # a timing: in costs
     curve = (live / "plots" / "metrics" / "loss.tsv").read_text().splitlines()  # per-log training loss
     assert curve[0].split("\t") == ["step", "loss"] and len(curve) >= 3  # a curve, not a point
     assert not (live / "params.yaml").exists()  # params.yaml of the project is the only configuration
@@ -132,7 +135,7 @@ def test_batched_decoding_equals_one_by_one(base_dir, tmp_path, search):
     mrs = ["name[Aromi]", "name[The Eagle], food[French], area[riverside]", "name[Zizzi], priceRange[cheap]"]
     contexts = preprocess.encode_contexts(tok, mrs, "paper")
     cfg = dict(num_beams=3, length_penalty=0.9, no_repeat_ngram_size=4, max_new_tokens=8, batch_size=3,
-               early_stopping=True, search=search, eos_ids=[50256, 628])
+               early_stopping=True, search=search, eos_ids=[50256, 628], banned_ids=[])
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     batched = generate.generate(model, contexts, cfg, decode)
     single = generate.generate(model, contexts, {**cfg, "batch_size": 1}, decode)
@@ -158,7 +161,7 @@ def test_generate_stage_writes_one_line_per_test_mr_and_info(params_file, prepar
     out = tmp_path / "pred" / "base.txt"
     generate.main(["--method", "base", "--data", str(prepared), "--base", str(base_dir), "--model", str(base_dir),
                    "--out", str(out), "--costs", str(tmp_path / "costs.json")])
-    n_mrs = len(datasets.load_from_disk(str(prepared / "test")))
+    n_mrs = len(datasets.load_from_disk(str(prepared / "paper" / "test")))
     assert len(out.read_text(encoding="utf-8").split("\n")) == n_mrs + 1  # n lines, each newline-terminated
     info = json.loads(out.with_suffix(".json").read_text())
     assert info["trainable_params"] == 0 and info["test_mrs"] == n_mrs  # no timings: they go to the costs file
@@ -180,7 +183,7 @@ def test_training_twice_gives_byte_identical_tracked_outputs(params_file, prepar
 @pytest.mark.parametrize("value", ["sometimes", 1])
 def test_early_stopping_accepts_only_true_false_never(params_file, value):
     with pytest.raises(ParamError, match="generate.early_stopping"):
-        generate.read_config(params_file(generate__early_stopping=value))
+        generate.read_config(params_file(authors__generate__early_stopping=value))
 
 
 # ---------------------------------------------------------------- the authors' settings reach the model
@@ -188,14 +191,14 @@ def test_early_stopping_accepts_only_true_false_never(params_file, value):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 def test_gpt2_dropout_param_reaches_every_dropout_of_the_base(params_file, base_dir, dropout):
-    cfg = train.read_config(params_file(train__gpt2_dropout=dropout), "full")
+    cfg = train.read_config(params_file(li_liang__train__gpt2_dropout=dropout), "full")
     model = train.build_model(base_dir, "full", cfg)
     probs = {m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
     assert probs == {dropout}  # embedding, attention and residual dropouts alike
 
 
 def test_gpt2_dropout_leaves_loras_own_dropout_alone(params_file, base_dir):
-    cfg = train.read_config(params_file(train__gpt2_dropout=0.0, lora__dropout=0.1), "lora")
+    cfg = train.read_config(params_file(authors__train__gpt2_dropout=0.0, lora__dropout=0.1), "lora")
     model = train.build_model(base_dir, "lora", cfg)
     probs = {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
     ours = {name: p for name, p in probs.items() if "c_attn.dropout" in name}  # LoRAConv1D's input dropout
@@ -205,7 +208,7 @@ def test_gpt2_dropout_leaves_loras_own_dropout_alone(params_file, base_dir):
 @pytest.mark.parametrize("eps", [1e-6, 1e-8])
 def test_adam_epsilon_param_reaches_the_optimizer(params_file, base_dir, tmp_path, eps):
     from transformers import Trainer
-    cfg = train.read_config(params_file(train__adam_epsilon=eps), "full")
+    cfg = train.read_config(params_file(li_liang__train__adam_epsilon=eps, li_liang__train__optimizer="torch"), "full")
     model = train.build_model(base_dir, "full", cfg)
     trainer = Trainer(model=model, args=train.training_args(cfg, str(tmp_path), log_every=1), eval_dataset=[{}])
     optimizer = trainer.create_optimizer()
@@ -215,7 +218,7 @@ def test_adam_epsilon_param_reaches_the_optimizer(params_file, base_dir, tmp_pat
 @pytest.mark.parametrize("search", ["authors", "transformers"])
 def test_generate_search_param_picks_the_decoder(params_file, monkeypatch, search):
     """generate.search reaches the decoder: the authors' search (stages/lib/beam.py) or transformers' generate()."""
-    cfg = generate.read_config(params_file(generate__search=search))
+    cfg = generate.read_config(params_file(authors__generate__search=search))
     called = []
     monkeypatch.setattr(generate.beam, "authors_beam_search", lambda *a, **k: called.append("authors") or [[1]])
     monkeypatch.setattr(generate, "transformers_search", lambda *a, **k: called.append("transformers") or ["x"])
@@ -224,7 +227,7 @@ def test_generate_search_param_picks_the_decoder(params_file, monkeypatch, searc
 
 
 def test_eos_ids_reach_the_authors_search(params_file, monkeypatch):
-    cfg = generate.read_config(params_file(generate__eos_ids=[50256, 628]))
+    cfg = generate.read_config(params_file(authors__generate__eos_ids=[50256, 628]))
     seen = {}
     monkeypatch.setattr(generate.beam, "authors_beam_search", lambda *a, **k: seen.update(k) or [[1]])
     generate.generate(torch.nn.Linear(1, 1), [[1, 2]], cfg, lambda ids: "x")
@@ -242,51 +245,46 @@ def test_authors_outputs_are_cut_like_gpt2_decode(params_file, monkeypatch):
 @pytest.mark.parametrize("value", [[], [50256, 50256], "50256", [-1], [True]])
 def test_bad_eos_ids_name_the_param(params_file, value):
     with pytest.raises(ParamError, match="generate.eos_ids"):
-        generate.read_config(params_file(generate__eos_ids=value))
+        generate.read_config(params_file(authors__generate__eos_ids=value))
 
 
 # ---------------------------------------------------------------- a method's own recipe (Li & Liang's FT row)
 
 
 def test_full_train_overrides_reach_only_full_training(params_file):
-    params = params_file(train__full={"batch_size": 10, "warmup_steps": 0, "label_smoothing": 0.0})
+    params = params_file(full__train={"batch_size": 12, "warmup_steps": 3, "label_smoothing": 0.2})
     full, lora_cfg = train.read_config(params, "full"), train.read_config(params, "lora")
-    assert (full["batch_size"], full["warmup_steps"], full["label_smoothing"]) == (10, 0, 0.0)
-    assert (lora_cfg["batch_size"], lora_cfg["warmup_steps"]) == (params["train"]["batch_size"],
-                                                                  params["train"]["warmup_steps"])
+    assert (full["batch_size"], full["warmup_steps"], full["label_smoothing"]) == (12, 3, 0.2)
+    assert (lora_cfg["batch_size"], lora_cfg["warmup_steps"]) == (params["authors"]["train"]["batch_size"],
+                                                                  params["authors"]["train"]["warmup_steps"])
 
 
 def test_full_generate_overrides_reach_only_full_decoding(params_file):
-    params = params_file(generate__full={"search": "transformers", "num_beams": 5, "ban_newlines": True})
+    params = params_file(full__generate={"search": "transformers", "num_beams": 7, "banned_ids": [198]})
     full = generate.read_config(params, "full")
-    assert (full["search"], full["num_beams"], full["ban_newlines"]) == ("transformers", 5, True)
+    assert (full["search"], full["num_beams"], full["banned_ids"]) == ("transformers", 7, [198])
     for method in ("base", "lora"):
-        assert generate.read_config(params, method)["num_beams"] == params["generate"]["num_beams"]
+        assert generate.read_config(params, method)["num_beams"] == params["authors"]["generate"]["num_beams"]
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("train__full", {"seeds": [1]}, "unknown parameter train.full.seeds"),
-    ("train__full", [1], "train.full must be a mapping"),
-    ("train__full", {"batch_size": 0}, "train.full.batch_size must be >= 1, got 0"),
-    ("generate__full", {"beams": 5}, "unknown parameter generate.full.beams"),
-    ("generate__full", {"ban_newlines": True}, "generate.full: ban_newlines needs search: transformers"),
+    ("full__train", {"seeds": [1]}, "unknown parameter full.train.seeds"),
+    ("full__train", [1], "full.train must be a mapping"),
+    ("full__train", {"batch_size": 0}, "full.train.batch_size must be >= 1, got 0"),
+    ("full__generate", {"beams": 5}, "unknown parameter full.generate.beams"),
+    ("lora__generate", {"banned_ids": [198]}, "lora.generate: banned_ids needs search: transformers or li-liang"),
+    ("full__generate", {"eos_ids": [50256, 628]}, "full.generate: search li-liang stops at one eos id"),
 ])
 def test_bad_overrides_name_the_key(params_file, key, value, message):
     params = params_file(**{key: value})
+    method = key.split("__")[0]
     with pytest.raises(ParamError, match=re.escape(message)):
-        train.read_config(params, "full") if "train" in key else generate.read_config(params, "full")
+        train.read_config(params, method) if "train" in key else generate.read_config(params, method)
 
 
-def test_newline_ban_needs_the_transformers_search(params_file):
-    with pytest.raises(ParamError, match="generate: ban_newlines needs search: transformers"):
-        generate.read_config(params_file(generate__ban_newlines=True))
-
-
-def test_newline_ids_are_every_token_holding_a_newline():
-    tok = gpt2.load_tokenizer(TOKENIZER)
-    ids = generate.newline_ids(tok)
-    assert {198, 628} <= set(ids) and 464 not in ids  # "\n", "\n\n" in; "The" out
-    assert all("\n" in tok.decode([i]) for i in ids)
+def test_a_ban_needs_a_search_that_bans(params_file):
+    with pytest.raises(ParamError, match="authors.generate: banned_ids needs search: transformers or li-liang"):
+        generate.read_config(params_file(authors__generate__banned_ids=[198]))
 
 
 def test_banned_tokens_never_appear_in_transformers_search(base_dir):
@@ -302,7 +300,7 @@ def test_banned_tokens_never_appear_in_transformers_search(base_dir):
 def test_generation_progress_reports_elapsed_time_and_eta(base_dir, capsys):
     model = GPT2LMHeadModel.from_pretrained(base_dir)
     cfg = dict(num_beams=2, length_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=3, batch_size=1,
-               early_stopping=True, search="transformers", eos_ids=[50256])
+               early_stopping=True, search="transformers", eos_ids=[50256], banned_ids=[])
     generate.generate(model, [[1, 2], [3, 4]], cfg, lambda ids: "x")
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("generate: ")]
     assert [line.split(",")[0] for line in lines] == ["generate: 1/2 outputs", "generate: 2/2 outputs"]

@@ -25,7 +25,8 @@ class ParamError(InputError):
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 floats: `1e-08` (what `dvc exp run -S train.adam_epsilon=1e-8` writes)
+    """PyYAML's safe loader with YAML 1.2 floats: `1e-08` (what `dvc exp run -S authors.train.adam_epsilon=1e-8`
+    writes)
     is a number, as DVC itself reads it, not the string YAML 1.1 makes of an exponent without a dot."""
 
 
@@ -68,6 +69,18 @@ def _ids(what: str):
         if not (isinstance(value, list) and value
                 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
             raise ValueError(f"must be a non-empty list of {what} (integers >= 0), got {value!r}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"duplicates in {value}: each must appear once")
+        return value
+    return Annotated[list[int], PlainValidator(check)]
+
+
+def _banned_ids():
+    """Distinct token ids, possibly none."""
+    def check(value):
+        if not (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                for v in value)):
+            raise ValueError(f"must be a list of token ids (integers >= 0), got {value!r}")
         if len(set(value)) != len(value):
             raise ValueError(f"duplicates in {value}: each must appear once")
         return value
@@ -117,7 +130,7 @@ class Section(BaseModel):
 
 
 def overrides_of(model: type[Section]) -> type[Section]:
-    """The same keys, each optional: what a method may set for itself over a shared section (`train.full`)."""
+    """The same keys, each optional: what a method may set for itself over its recipe's (`full.train`)."""
     fields = {name: (Optional[Annotated[f.annotation, *f.metadata] if f.metadata else f.annotation], None)
               for name, f in model.model_fields.items()}
     return create_model(f"{model.__name__}Overrides", __base__=Section, **fields)
@@ -134,43 +147,80 @@ class Model(Section):
 
 
 class Preprocess(Section):
-    format: Literal["paper", "equals"]
     max_length: Annotated[int, Field(ge=8)]
 
 
+class Train(Section):
+    seeds: _ids("seeds")
+    processes: Annotated[int, Field(ge=1, le=1024)]
+
+
 class Loop(Section):
-    """The training loop both methods share (Table 11); `train.<method>` may set any of these for one method."""
+    """A recipe's training loop (Table 11 for the authors'); a method's `train` mapping may set any of these."""
     epochs: Annotated[float, Field(gt=0, le=10_000)]
     batch_size: Annotated[int, Field(ge=1)]
-    processes: Annotated[int, Field(ge=1, le=1024)]
     label_smoothing: Probability
     warmup_steps: NonNegInt
     max_grad_norm: Annotated[float, Field(ge=0)]
     adam_epsilon: Positive
     gpt2_dropout: Probability
+    optimizer: Literal["authors", "torch"]
 
 
-LoopOverrides = overrides_of(Loop)
+class Decode(Section):
+    """A recipe's decoding (Table 11 for the authors'); a method's `generate` mapping may set any of these."""
+    search: Literal["authors", "transformers", "li-liang"]
+    eos_ids: _ids("token ids")
+    num_beams: Annotated[int, Field(ge=1)]
+    length_penalty: float
+    no_repeat_ngram_size: NonNegInt
+    max_new_tokens: Annotated[int, Field(ge=1)]
+    early_stopping: _choice(True, False, "never")
+    banned_ids: _banned_ids()
+
+    @model_validator(mode="after")
+    def _what_each_search_can_do(self):
+        if self.banned_ids and self.search == "authors":
+            raise ValueError("banned_ids needs search: transformers or li-liang; gpt2_beam.py bans no tokens")
+        if self.search == "li-liang":
+            if len(self.eos_ids) != 1:
+                raise ValueError(f"search li-liang stops at one eos id (their generate()'s eos_token_id), got "
+                                 f"eos_ids {self.eos_ids}")
+            if self.no_repeat_ngram_size or self.early_stopping == "never":
+                raise ValueError("search li-liang takes no_repeat_ngram_size 0 and early_stopping true or false, as "
+                                 "their generate() does")
+        return self
 
 
-class Train(Loop):
-    seeds: _ids("seeds")
-    lora: LoopOverrides = LoopOverrides()
-    full: LoopOverrides = LoopOverrides()
+LoopOverrides, DecodeOverrides = overrides_of(Loop), overrides_of(Decode)
 
 
-class Lora(Section):
+class Recipe(Section):
+    """How a method's runs are trained and decoded: `authors` (the LoRA authors', Table 11) or `li_liang` (Li &
+    Liang's fine-tuning as their code ran it); a method names its recipe in `<method>.recipe`."""
+    layout: Literal["paper", "equals", "li-liang"]
+    pad_token: bool
+    train: Loop
+    generate: Decode
+
+
+class Method(Section):
+    recipe: Literal["authors", "li_liang"]
+    lr: Positive
+    weight_decay: Annotated[float, Field(ge=0)]
+    train: LoopOverrides = LoopOverrides()
+    generate: DecodeOverrides = DecodeOverrides()
+
+
+class Lora(Method):
     rank: Annotated[int, Field(ge=1)]
     alpha: Positive
     dropout: Probability
     targets: Annotated[list[str], AfterValidator(_lora_targets)]
-    lr: Positive
-    weight_decay: Annotated[float, Field(ge=0)]
 
 
-class Full(Section):
-    lr: Positive
-    weight_decay: Annotated[float, Field(ge=0)]
+class Full(Method):
+    pass
 
 
 class Speed(Section):
@@ -178,33 +228,6 @@ class Speed(Section):
     precision: Literal["fp32", "tf32", "bf16"]
     compile: bool
     group_by_length: bool
-
-
-class Decode(Section):
-    """The decoding both methods share (Table 11); `generate.<method>` may set any of these for one method."""
-    search: Literal["authors", "transformers"]
-    eos_ids: _ids("token ids")
-    num_beams: Annotated[int, Field(ge=1)]
-    length_penalty: float
-    no_repeat_ngram_size: NonNegInt
-    max_new_tokens: Annotated[int, Field(ge=1)]
-    early_stopping: _choice(True, False, "never")
-    ban_newlines: bool
-
-    @model_validator(mode="after")
-    def _ban_needs_transformers(self):
-        if self.ban_newlines and self.search != "transformers":
-            raise ValueError("ban_newlines needs search: transformers (Li & Liang's decoding); gpt2_beam.py bans "
-                             "no tokens")
-        return self
-
-
-DecodeOverrides = overrides_of(Decode)
-
-
-class Generate(Decode):
-    lora: DecodeOverrides = DecodeOverrides()
-    full: DecodeOverrides = DecodeOverrides()
 
 
 class Score(Section):
@@ -228,8 +251,9 @@ class Params(Section):
     train: Train
     lora: Lora
     full: Full
+    authors: Recipe
+    li_liang: Recipe
     speed: Speed
-    generate: Generate
     score: Score
     runtime: Runtime
 
@@ -305,24 +329,36 @@ def read(path: str | Path = "params.yaml") -> Params:
 
 # --- what each stage reads: the views dvc.yaml's params lists declare ---------------------------------------------
 
+def recipe(p: Params, method: str) -> Recipe:
+    """The recipe `method` follows; the pretrained base is decoded as the authors' recipe decodes."""
+    return p.authors if method == "base" else getattr(p, getattr(p, method).recipe)
+
+
 def loop(p: Params, method: str) -> Loop:
-    """The training loop `method` runs: `train`, with `train.<method>` laid over it."""
-    return _merged_as(p.train, getattr(p.train, method), Loop, "train", method)
+    """The training loop `method` runs: its recipe's, with the keys its own `train` mapping sets."""
+    own = getattr(p, method)
+    return _merged_as(recipe(p, method).train, own.train, Loop, f"{method}.train", own.recipe)
 
 
 def decode(p: Params, method: str) -> Decode:
-    """The decoding `method` ("base", "lora" or "full") uses: `generate`, with `generate.<method>` laid over it."""
+    """The decoding `method` ("base", "lora" or "full") uses: its recipe's, with the keys its `generate` sets."""
     if method == "base":
-        return _merged_as(p.generate, DecodeOverrides(), Decode, "generate", method)
-    return _merged_as(p.generate, getattr(p.generate, method), Decode, "generate", method)
+        return p.authors.generate
+    own = getattr(p, method)
+    return _merged_as(recipe(p, method).generate, own.generate, Decode, f"{method}.generate", own.recipe)
 
 
-def _merged_as(shared: Section, mine: Section, model: type[Section], section: str, method: str) -> Section:
-    """`shared` with the keys `mine` sets replaced; an error names the key where it was set."""
+def key_of(p: Params, method: str, section: str, key: str) -> str:
+    """The params key a method's `section` ("train" or "generate") setting `key` comes from, for error messages."""
+    own = getattr(p, method)
+    return (f"{method}.{section}.{key}" if getattr(getattr(own, section), key) is not None
+            else f"{own.recipe}.{section}.{key}")
+
+
+def _merged_as(base: Section, mine: Section, model: type[Section], where: str, recipe_name: str) -> Section:
+    """A recipe's section with the keys a method's own mapping sets laid over it; an error names the key."""
     own = mine.model_dump(exclude_none=True)
     try:
-        return model.model_validate({**shared.model_dump(include=set(model.model_fields)), **own})
+        return model.model_validate({**base.model_dump(), **own})
     except ValidationError as e:
-        err = e.errors()[0]
-        set_here = not err["loc"] or err["loc"][0] in own
-        raise ParamError(message(err, f"{section}.{method}" if set_here and own else section)) from None
+        raise ParamError(message(e.errors()[0], where) + f" (over the {recipe_name} recipe)") from None
