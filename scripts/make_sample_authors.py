@@ -14,8 +14,13 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from stages.lib.authors_data import BLOB_IDS, read_authors_file
+import yaml
+
+from stages.lib.authors_data import read_authors_file
 from stages.lib.e2e import read_e2e_csv
+from stages.lib.outputs import git_blob_id
+
+PINS = yaml.safe_load((Path(__file__).resolve().parents[1] / "data" / "upstream.yaml").read_text())["authors"]
 
 PAIRS = [  # (sample CSV, official CSV, authors' file, output)
     ("trainset.csv", "e2e/devset.csv", "e2e-authors/valid.txt", "train.txt"),
@@ -30,7 +35,8 @@ def letters(text: str) -> str:
 
 def aligned_lines(official: list[tuple[str, str]], authors_path: Path) -> list[str]:
     """The authors' raw lines (newline kept), checked to be row-aligned with `official`."""
-    rows = read_authors_file(authors_path, BLOB_IDS[authors_path.name])
+    assert git_blob_id(authors_path.read_bytes()) == PINS[authors_path.name]["git_blob"], authors_path  # the pin
+    rows = read_authors_file(authors_path)
     raw = authors_path.read_bytes().decode("utf-8").splitlines(keepends=True)
     assert len(raw) == len(rows) == len(official), (authors_path, len(raw), len(rows), len(official))
     to_authors, to_official = {}, {}

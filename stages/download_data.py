@@ -17,9 +17,8 @@ import yaml
 
 from stages.lib import cli
 from stages.lib import params as P
-from stages.lib.authors_data import git_blob_id
 from stages.lib.cli import InputError
-from stages.lib.outputs import atomic_dir, check_writable
+from stages.lib.outputs import atomic_dir, check_writable, exclusive, git_blob_id
 from stages.lib.protocols import PROTOCOLS, Protocol
 
 TIMEOUT_S = 30  # per connection attempt / read: an unreachable host fails fast instead of hanging the pipeline
@@ -97,7 +96,7 @@ def main(argv=None) -> int:
         raise InputError(f"data.source: {cfg['source']}: no such file or directory")
     pins = read_pins(source, protocol) if source.is_file() else None  # validated before any work
     check_writable(args.out)
-    with atomic_dir(args.out) as staging:
+    with exclusive(args.out), atomic_dir(args.out) as staging:
         if pins is not None:
             fetch_pinned(staging, pins, protocol)
         else:

@@ -22,7 +22,7 @@ import yaml
 from stages.lib import cli, gpt2
 from stages.lib import params as P
 from stages.lib.cli import InputError
-from stages.lib.outputs import atomic_dir, check_writable, sha256_file
+from stages.lib.outputs import atomic_dir, check_writable, exclusive, sha256_file
 
 # Only safetensors weights: a pickle checkpoint (pytorch_model.bin) can run code when loaded.
 FILES = ("config.json", "model.safetensors", "tokenizer.json")
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         raise InputError(f"model.source: {given}: no such file or directory")
     pin = read_pin(source) if source.is_file() else None  # validated before a 1.5 GB download
     check_writable(args.out)
-    with atomic_dir(args.out) as staging:
+    with exclusive(args.out), atomic_dir(args.out) as staging:
         if pin is None:
             copy_local(staging, source)
         else:

@@ -26,7 +26,7 @@ from stages.lib import params as P
 from stages.lib import runtime
 from stages.lib.cli import InputError
 from stages.lib.gpt2 import EOS
-from stages.lib.outputs import atomic_file, check_writable, write_json
+from stages.lib.outputs import atomic_file, check_writable, exclusive, write_json
 
 def config(p: P.Params, method: str) -> dict:
     """What the outputs depend on: exactly the keys dvc.yaml declares for generate-base / generate-<method>@<seed>
@@ -57,8 +57,8 @@ def load_model(method: str, base: Path, model_dir: Path, pad_token: bool) -> GPT
         path = model_dir / "adapter.safetensors"
         try:
             lora.load_adapter(model, path, base=gpt2.base_identity(base))
-        except (FileNotFoundError, ValueError, TypeError) as e:
-            raise InputError(f"{path}: {e}") from None
+        except (FileNotFoundError, ValueError, TypeError) as e:  # lora.py's messages name the file already
+            raise InputError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
         gpt2.check_finite(model, str(path))
         model = lora.merge_lora(model)
     return model
@@ -176,10 +176,18 @@ def main(argv=None) -> int:
     cfg = read_config(p, args.method)
     max_new = ("authors.generate.max_new_tokens" if args.method == "base"
                else P.key_of(p, args.method, "generate", "max_new_tokens"))
-    base, model_dir, out = Path(args.base), Path(args.model), Path(args.out)
-    for path in (out, args.costs):
+    out = Path(args.out)
+    for path in (out, out.with_suffix(".json"), args.costs):
         check_writable(path)
-    test = gpt2.load_prepared(Path(args.data) / cfg["layout"], "test")  # the layout the method trained on
+    with exclusive(out):  # one run per output: a second one stops here, named
+        return decode_all(args, p, cfg, max_new)
+
+
+def decode_all(args, p: P.Params, cfg: dict, max_new: str) -> int:
+    base, model_dir, out = Path(args.base), Path(args.model), Path(args.out)
+    data = Path(args.data) / cfg["layout"]  # the layout the method trained on
+    test = gpt2.load_prepared(data, "test")
+    fidelity.check_mrs(test["mr"], source=f"{data}/test")  # every MR parses before any decoding
     contexts = test["context_ids"]
     tok = gpt2.load_tokenizer(base / "tokenizer.json")
     if cfg["pad_token"]:
@@ -194,9 +202,16 @@ def main(argv=None) -> int:
     with speed.precision_context(cfg["speed"]["precision"], device):
         preds = generate(model, contexts, cfg, lambda ids: tok.decode(ids, clean_up_tokenization_spaces=False))
     seconds = time.perf_counter() - start
-    with atomic_file(out) as f:
-        f.writelines(p + "\n" for p in preds)
-    write_json(out.with_suffix(".json"), run_info(args.method, model_dir, test["mr"], preds))
+    info = run_info(args.method, model_dir, test["mr"], preds)
+    # Both files or neither: a full disk while writing the second one removes the first too.
+    try:
+        with atomic_file(out) as lines, atomic_file(out.with_suffix(".json")) as meta:
+            lines.writelines(pred + "\n" for pred in preds)
+            json.dump(info, meta, indent=2, sort_keys=True)
+            meta.write("\n")
+    except OSError as e:
+        raise InputError(f"{out.parent}: cannot write {out.name} and {out.with_suffix('.json').name} "
+                         f"({e.strerror or e})") from None
     write_json(args.costs, {"generate_time_s": round(seconds, 1), "outputs_per_s": round(len(preds) / seconds, 3)})
     empty = sum(not p for p in preds)
     print(f"generate-{args.method}: {len(preds)} outputs ({empty} empty) -> {out}", file=sys.stderr)

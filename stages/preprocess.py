@@ -21,7 +21,7 @@ from stages.lib import cli, li_liang
 from stages.lib import params as P
 from stages.lib.e2e import DataError
 from stages.lib.gpt2 import load_tokenizer
-from stages.lib.outputs import atomic_dir, check_writable
+from stages.lib.outputs import atomic_dir, check_writable, exclusive
 from stages.lib.protocols import PROTOCOLS
 
 
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         encoded[layout, "test"] = datasets.Dataset.from_dict(
             {"mr": mrs, "refs": [r for _, r in groups], "context_ids": contexts})
 
-    with atomic_dir(args.out) as out:
+    with exclusive(args.out), atomic_dir(args.out) as out:
         for (layout, split), table in encoded.items():
             table.save_to_disk(str(out / layout / split))
         (out / "test-refs.txt").write_text(refs, encoding="utf-8")

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from stages.lib import cli  # noqa: E402
 from stages.lib import params as P  # noqa: E402
 from stages.lib.cli import InputError  # noqa: E402
-from stages.lib.outputs import atomic_dir, atomic_file, write_json  # noqa: E402
+from stages.lib.outputs import atomic_dir, atomic_file, exclusive, write_json  # noqa: E402
 from stages.lib.protocols import PROTOCOLS  # noqa: E402
 
 METHODS = {"base": "pretrained only (no fine-tuning)", "lora": "LoRA", "full": "full fine-tuning"}
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
                 if len(seeds) > 1 else f"one run per method (seed {seeds[0]}), so no spread")
              + f"; test set of {int(df['test_mrs'].iloc[0])} MRs.", "", *table(df, cfg["recipes"]), "",
              *fidelity_note(df), "![training loss](plots/loss.png)", "", "![metrics](plots/metrics.png)", ""]
-    with atomic_dir(args.plots) as plots:
+    with exclusive(args.out), atomic_dir(args.plots) as plots:
         plot_loss(Path(args.live), seeds, plots / "loss.png")
         plot_metrics(df, plots / "metrics.png")
         with atomic_file(args.out) as f:

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from pathlib import Path
 
 from stages.lib import cli
 from stages.lib.cli import InputError
 from stages.lib.e2e import DataError, group_by_mr, read_e2e_csv, read_text
-from stages.lib.outputs import atomic_file, check_writable
+from stages.lib.outputs import atomic_file, check_writable, exclusive
 from stages.lib.protocols import PROTOCOLS
-from stages.lib.scoring import METRICS, MODES, JavaError, ScoreError, score
+from stages.lib.scoring import METRICS, MODES, score
 
 __all__ = ["score", "in_units", "load_refs", "load_predictions", "main"]
 RESERVED = (*METRICS, "mode", "units")
@@ -126,11 +125,6 @@ def _write_atomically(path: Path, text: str) -> None:
         f.write(text)
 
 
-def _exit_on_signal(signum, frame):
-    # SIGTERM/SIGHUP become SystemExit, so that finally-blocks run: METEOR's JVM is killed, temp dirs removed.
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m stages.score", description=__doc__.split("\n\n")[0])
     ap.add_argument("--refs", required=True, help="E2E CSV (mr, ref) or blank-line-separated text references")
@@ -150,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.protocol is None:
             ap.error("--mode auto needs --protocol authors|e2e")
         args.mode = PROTOCOLS[args.protocol].score_mode
-    try:
-        if args.output:
-            _check_writable(args.output)
+    if args.output:
+        _check_writable(args.output)
+    with exclusive(args.output):  # one run per output file (none for stdout)
         extra = _load_extra(args.extra)
         refs = load_refs(args.refs)
         preds = load_predictions(args.predictions)
@@ -172,13 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise DataError(f"{args.output}: cannot write ({e.strerror or e})") from None
         else:
             sys.stdout.write(text)
-    except (DataError, JavaError, ScoreError) as e:
-        print(f"score: error: {e}", file=sys.stderr)  # the other stages' form (stages/lib/cli.py)
-        return 2
     return 0
 
 
 if __name__ == "__main__":
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _exit_on_signal)
-    sys.exit(cli.run("score", main))  # anything unexpected: one line too
+    sys.exit(cli.run("score", main))  # one line and exit 2 for bad input, SIGTERM/SIGHUP as a clean exit

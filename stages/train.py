@@ -29,7 +29,7 @@ from stages.lib import checkpoints, cli, code, gpt2, li_liang, lora, optim, spee
 from stages.lib import params as P
 from stages.lib import runtime
 from stages.lib.cli import InputError, RunError
-from stages.lib.outputs import atomic_dir, check_writable, write_json
+from stages.lib.outputs import atomic_dir, check_writable, exclusive, write_json
 
 # Trainer log fields that are wall-clock measurements: kept out of the DVC-tracked log history.
 TIMING_SUFFIXES = ("_runtime", "_per_second")
@@ -262,8 +262,15 @@ def main(argv=None) -> int:
     cfg = read_config(p, args.method, args.seed)
     for path in (args.out, args.costs, Path(args.live) / "metrics.json"):
         check_writable(path)
-    if cfg["processes"] > 1 and "LOCAL_RANK" not in os.environ:  # the launcher sets LOCAL_RANK in each worker
-        return launch(cfg["processes"], list(sys.argv[1:] if argv is None else argv))
+    # One run per output and checkpoint folder: a second one (an orphan, a parallel repro) stops here, named.
+    with exclusive(args.out, args.checkpoints, args.live):
+        if cfg["processes"] > 1 and "LOCAL_RANK" not in os.environ:  # the launcher sets LOCAL_RANK in each worker
+            return launch(cfg["processes"], list(sys.argv[1:] if argv is None else argv))
+        return fit(args, p, cfg)
+
+
+def fit(args, p: P.Params, cfg: dict) -> int:
+    """One training run (in each worker process when train.processes > 1)."""
     base = Path(args.base)
     data = Path(args.data) / cfg["layout"]  # preprocess wrote every layout; the recipe picks one
     train_set, eval_set = gpt2.load_prepared(data, "train"), gpt2.load_prepared(data, "validation")

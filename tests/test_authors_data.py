@@ -2,7 +2,6 @@
 gpt2_decode.py read them; blob-id verification; the shipped sample data/sample/."""
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
@@ -10,8 +9,8 @@ import sys
 
 import pytest
 
-from stages.lib.authors_data import (BLOB_IDS, COMMIT, RAW_URLS, SPLITS, AuthorsDataError, cut_like_gpt2_decode,
-                                 git_blob_id, group_references, parse_authors_text, read_authors_file)
+from stages.lib.authors_data import (AuthorsDataError, cut_like_gpt2_decode, group_references, parse_authors_text,
+                                     read_authors_file)
 from stages.lib.e2e import DataError, group_by_mr, parse_mr, read_e2e_csv
 
 from conftest import ROOT, SAMPLE
@@ -46,24 +45,6 @@ def test_cut_like_gpt2_decode():
     assert cut_like_gpt2_decode("A pub .\n\nB<|endoftext|>") == "A pub ."
     assert cut_like_gpt2_decode("A\npub .\n") == "A\npub ."       # a single newline is not a cut
     assert cut_like_gpt2_decode("<|endoftext|>A") == ""
-
-
-def test_git_blob_id_is_gits(tmp_path):
-    data = b"name : A||A .\n"
-    assert git_blob_id(data) == hashlib.sha1(b"blob 14\x00" + data).hexdigest()
-    assert git_blob_id(b"") == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"     # git's well-known empty blob
-    (tmp_path / "f").write_bytes(data)
-    git = subprocess.run(["git", "hash-object", str(tmp_path / "f")], capture_output=True, text=True)
-    if git.returncode == 0:
-        assert git_blob_id(data) == git.stdout.strip()
-
-
-def test_pinned_constants():
-    assert set(BLOB_IDS) == set(RAW_URLS) == set(SPLITS) == {"train.txt", "valid.txt", "test.txt"}
-    assert re.fullmatch(r"[0-9a-f]{40}", COMMIT)
-    for name, url in RAW_URLS.items():
-        assert url == f"https://raw.githubusercontent.com/microsoft/LoRA/{COMMIT}/examples/NLG/data/e2e/{name}"
-        assert re.fullmatch(r"[0-9a-f]{40}", BLOB_IDS[name])
 
 
 # --- bad input: one error naming file and line, an exit-2 DataError ---
@@ -116,7 +97,7 @@ def test_well_formed_mrs_keep_their_spacing_as_the_context():
                                                    "The Eagle is a pub .")]
 
 
-def test_empty_missing_and_wrong_blob(tmp_path):
+def test_empty_and_missing(tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
     with pytest.raises(AuthorsDataError, match="empty.txt: no lines"):
         read_authors_file(tmp_path / "empty.txt")
@@ -124,10 +105,7 @@ def test_empty_missing_and_wrong_blob(tmp_path):
         read_authors_file(tmp_path / "nope.txt")
     good = tmp_path / "valid.txt"
     good.write_bytes(b"name : a||b \n")
-    assert read_authors_file(good, git_blob_id(b"name : a||b \n")) == [("name : a", "b")]
-    with pytest.raises(AuthorsDataError, match=rf"valid.txt: git blob id {git_blob_id(b'name : a||b ' + bytes([10]))}, "
-                                               rf"expected {BLOB_IDS['valid.txt']}"):
-        read_authors_file(good, BLOB_IDS["valid.txt"])
+    assert read_authors_file(good) == [("name : a", "b")]
 
 
 # --- the shipped sample: same rows as data/sample/, in the authors' text ---
@@ -145,7 +123,8 @@ def test_sample_matches_the_csv_sample_row_for_row(name, csv_name):
 
 def test_sample_has_a_readme_with_provenance_and_licence():
     text = (AUTHORS_SAMPLE / "README.md").read_text(encoding="utf-8")
-    assert COMMIT in text and "CC BY-SA 4.0" in text and "make_sample_authors.py" in text
+    commit = re.search(r"microsoft/LoRA/([0-9a-f]{40})/", (ROOT / "data" / "upstream.yaml").read_text()).group(1)
+    assert commit in text and "CC BY-SA 4.0" in text and "make_sample_authors.py" in text
 
 
 # --- the authors' real files, where ../shared has them ---
@@ -154,7 +133,7 @@ def test_sample_has_a_readme_with_provenance_and_licence():
 @pytest.mark.parametrize("name, csv_name, n_rows, n_mrs", [("valid.txt", "devset.csv", 4672, 547),
                                                             ("test.txt", "testset_w_refs.csv", 4693, 630)])
 def test_shared_files_verify_and_group_like_the_official_csvs(name, csv_name, n_rows, n_mrs):
-    rows = read_authors_file(SHARED / "e2e-authors" / name, BLOB_IDS[name])
+    rows = read_authors_file(SHARED / "e2e-authors" / name)  # its blob id: test_download's check of the pins
     official = read_e2e_csv(SHARED / "e2e" / csv_name)
     assert len(rows) == len(official) == n_rows
     assert len(group_references(rows)) == len(group_by_mr(official)) == n_mrs
@@ -165,7 +144,7 @@ def test_sample_script_reproduces_the_shipped_sample(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, str(ROOT / "scripts" / "make_sample_authors.py"), str(SHARED), str(SAMPLE),
                     str(tmp_path)], check=True, capture_output=True, cwd=ROOT, env=env)
-    for name in SPLITS:
+    for name in ("train.txt", "valid.txt", "test.txt"):
         assert (tmp_path / name).read_bytes() == (AUTHORS_SAMPLE / name).read_bytes()
 
 

@@ -76,6 +76,17 @@ def authors_line(text):
     return edit
 
 
+def malformed_prepared_mr(ws):
+    """A test set preprocess would have refused (an MR with a NUL and a repeated slot), as if edited after it ran."""
+    import datasets
+    path = ws / "data/prepared/paper/test"
+    table = datasets.load_from_disk(str(path)).to_dict()
+    table["mr"][1] = "name : Zizzi | name : Zizzi\x00"
+    datasets.Dataset.from_dict(table).save_to_disk(str(ws / "edited"))
+    shutil.rmtree(path)
+    shutil.move(str(ws / "edited"), path)
+
+
 def long_test_mr(ws):
     write_csv(ws / "data/raw/test.csv", [("name[" + "Very Long Name " * 40 + "]", "x")])
 
@@ -147,6 +158,9 @@ CASES = {
                                "train.warmup_steps must be an integer, got 1000000000000.0"),
     "max length beyond positions": (PREPROCESS, {"preprocess.max_length": 512}, None, 2,
                                     "preprocess.max_length=512 > the base model's 128 positions"),
+    "authors mr duplicated slot": (PREPROCESS, {}, authors_line("name : A | name : B||A is nice ."), 2,
+                                   "valid.txt: line 2"),
+    "generate on an mr preprocess refuses": (GENERATE, {}, malformed_prepared_mr, 2, "paper/test: MR 2: malformed MR"),
 }
 
 
@@ -256,8 +270,8 @@ def test_an_exponent_without_a_dot_is_a_number_as_dvc_writes_it(tmp_path):
     train = P.load(path)["train"]
     assert train == {"adam_epsilon": 1e-08, "lr": 5e-05, "n": 3, "quoted": "1e-8"}
     from conftest import default_params
-    params = set_key(default_params(), "train.adam_epsilon", train["adam_epsilon"])
-    assert P.validate(params).train.adam_epsilon == 1e-08
+    params = set_key(default_params(), "authors.train.adam_epsilon", train["adam_epsilon"])
+    assert P.validate(params).authors.train.adam_epsilon == 1e-08
 
 
 @pytest.mark.parametrize("value, message", [
@@ -271,3 +285,19 @@ def test_seed_lists_are_non_empty_distinct_and_non_negative(value, message):
     with pytest.raises(P.ParamError, match=re.escape(message)):
         P.validate(set_key(default_params(), "train.seeds", value))
     assert P.validate(set_key(default_params(), "train.seeds", [110, 111])).train.seeds == [110, 111]
+
+
+def test_a_second_run_of_a_stage_stops_before_any_work_naming_the_first(fresh):
+    """Two runs never share an output or checkpoint folder: while another process (an orphaned trainer, a parallel
+    repro) holds out/lora, a second train run says who holds it, exits 2 and writes nothing."""
+    code = ("import sys, time; from stages.lib import lifeline\n"
+            "with lifeline.exclusive(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(fresh / "out/lora")], cwd=fresh, text=True,
+                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        proc = run_module(fresh, TRAIN)
+    finally:
+        holder.kill()
+        holder.wait()
+    check(fresh, proc.returncode, proc.stderr, 2, f"out/lora: another run is writing this output (pid {holder.pid}")

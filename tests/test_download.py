@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import threading
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import yaml
 from conftest import TOKENIZER
 from stages import download_data, download_model
 from stages.lib import cli
-from stages.lib.authors_data import git_blob_id
+from stages.lib.outputs import git_blob_id
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -273,8 +274,13 @@ def test_the_shipped_pins_match_the_shared_copies():
         assert pins[protocol][raw]["url"].rsplit("/", 1)[1] in (raw, shared.rsplit("/", 1)[1])
 
 
-def test_git_blob_id_matches_git():
-    assert git_blob_id(b"") == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # `git hash-object /dev/null`
+def test_git_blob_id_is_gits(tmp_path):
+    data = b"name : A||A .\n"
+    assert git_blob_id(data) == hashlib.sha1(b"blob 14\x00" + data).hexdigest()
+    assert git_blob_id(b"") == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # git's well-known empty blob
+    (tmp_path / "f").write_bytes(data)
+    git = subprocess.run(["git", "hash-object", str(tmp_path / "f")], capture_output=True, text=True)
+    assert git.returncode == 0 and git_blob_id(data) == git.stdout.strip()
 
 
 # --- the model pin --------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 
 import stages.lib.scoring as scoring
 from stages import score as score_cli
+from stages.lib import cli
 from stages.lib.e2e import DataError
 from stages.lib.scoring import meteor as meteor_mod, mteval, paraphrase
 from stages.lib.scoring.meteor import JavaError
@@ -190,7 +191,7 @@ def test_cli_warns_on_empty_predictions_merges_extra_and_writes_atomically(tmp_p
     extra = tmp_path / "extra.json"
     extra.write_text('{"trainable_params": 350000, "train_seconds": 12.5}', encoding="utf-8")
     out = tmp_path / "scores.json"
-    assert score_cli.main(["--refs", str(refs), "--predictions", str(pred), "--output", str(out),
+    assert cli.run("score", score_cli.main, ["--refs", str(refs), "--predictions", str(pred), "--output", str(out),
                            "--extra", str(extra)]) == 0
     captured = capsys.readouterr()
     assert captured.out == "" and "2 empty prediction line(s)" in captured.err
@@ -198,7 +199,7 @@ def test_cli_warns_on_empty_predictions_merges_extra_and_writes_atomically(tmp_p
                                            "train_seconds": 12.5, "mode": "perl", "units": "fraction"}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     extra.write_text('{"bleu": 1}', encoding="utf-8")
-    assert score_cli.main(["--refs", str(refs), "--predictions", str(pred), "--extra", str(extra)]) == 2
+    assert cli.run("score", score_cli.main, ["--refs", str(refs), "--predictions", str(pred), "--extra", str(extra)]) == 2
     assert "collide" in capsys.readouterr().err
 
 

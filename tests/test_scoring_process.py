@@ -19,6 +19,7 @@ import yaml
 import stages.lib.scoring as scoring
 from stages.lib import outputs
 from stages import score as score_cli
+from stages.lib import cli as stage_cli
 from stages.lib.e2e import DataError
 from stages.score import load_refs
 from stages.lib.scoring.meteor import MeteorResult
@@ -192,7 +193,7 @@ def cli(tmp_path, monkeypatch):
     pred.write_text("a b\nc\ne f\n", encoding="utf-8")
 
     def run(*args: str) -> int:
-        return score_cli.main(["--refs", str(refs), "--predictions", str(pred), *args])
+        return stage_cli.run("score", score_cli.main, ["--refs", str(refs), "--predictions", str(pred), *args])
     run.calls = calls
     return run
 
@@ -294,9 +295,9 @@ def test_score_stage_takes_the_mode_from_params_and_depends_on_the_scoring_packa
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert params["score"]["mode"] in (*scoring.MODES, "auto")
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for stage in (stages["score"], stages["score-base"]):
-        assert {"score.mode", "protocol"} <= set(stage["params"])
-        assert "--mode ${score.mode} --protocol ${protocol} --units paper" in stage["cmd"]
+    for stage in (stages["score-lora"]["do"], stages["score-full"]["do"], stages["score-base"]):
+        assert {"score", "protocol"} <= set(stage["params"])
+        assert "--mode ${score.mode} --protocol ${protocol} --units paper" in " ".join(stage["cmd"].split())
         assert {"stages/lib/scoring", "stages/score.py", "stages/lib/e2e.py"} <= set(stage["deps"])
 
 
@@ -306,7 +307,7 @@ def test_auto_mode_scores_as_the_protocol_does(tmp_path, protocol, mode, capsys)
     refs, pred = tmp_path / "refs.txt", tmp_path / "pred.txt"
     refs.write_text("the eagle is a cheap pub\nthe eagle pub is cheap\n\nzizzi serves french food\n")
     pred.write_text("the eagle is a cheap pub near the river\nzizzi serves food\n")
-    assert score_cli.main(["--mode", "auto", "--protocol", protocol, "--refs", str(refs), "--predictions",
+    assert stage_cli.run("score", score_cli.main, ["--mode", "auto", "--protocol", protocol, "--refs", str(refs), "--predictions",
                              str(pred), "--output", str(tmp_path / "out.json")]) == 0
     out = json.loads((tmp_path / "out.json").read_text())
     direct = scoring.score([["the eagle is a cheap pub", "the eagle pub is cheap"], ["zizzi serves french food"]],

@@ -315,3 +315,22 @@ def test_generating_twice_gives_byte_identical_predictions_and_info(params_file,
         generate.main(["--method", "base", "--data", str(prepared), "--base", str(base_dir), "--model",
                        str(base_dir), "--out", str(tmp_path / name / "base.txt"), "--costs", str(tmp_path / f"{name}.json")])
     assert digests(tmp_path / "a") == digests(tmp_path / "b") and len(digests(tmp_path / "a")) == 2
+
+
+def test_a_full_disk_leaves_neither_prediction_file(params_file, prepared, base_dir, tmp_path, monkeypatch, capsys):
+    """The predictions and their info are written together: a failure on the second removes the first."""
+    import errno
+    from stages.lib import cli
+
+    fast_params(params_file)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(generate.json, "dump", full_disk)
+    out = tmp_path / "pred" / "base.txt"
+    status = cli.run("generate", generate.main, ["--method", "base", "--data", str(prepared), "--base", str(base_dir),
+                                                 "--model", str(base_dir), "--out", str(out), "--costs",
+                                                 str(tmp_path / "costs.json")])
+    err = capsys.readouterr().err
+    assert status == 2 and "cannot write base.txt and base.json (No space left on device)" in err
+    assert sorted(p.name for p in out.parent.iterdir()) == []

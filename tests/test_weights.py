@@ -187,7 +187,7 @@ def test_generate_turns_a_truncated_adapter_into_exit_2(good, adapter, tmp_path,
     from stages import generate
 
     adapter.write_bytes(adapter.read_bytes()[:200])
-    status = cli.run("generate", lambda argv: generate.load_model("lora", good, adapter.parent), [])
+    status = cli.run("generate", lambda argv: generate.load_model("lora", good, adapter.parent, False), [])
     err = capsys.readouterr().err
     assert status == 2 and len(err_lines(err)) == 1 and str(adapter) in err and "internal error" not in err, err
 

@@ -20,40 +20,17 @@ and a test MR it cannot read must stop preprocess, not the generate stage after 
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
 from stages.lib.e2e import DataError, parse_authors_mr
 
-COMMIT = "c4593f060e6a368d7bb5af5273b8e42810cdef90"
-SPLITS = ("train.txt", "valid.txt", "test.txt")
-# git blob ids (sha1 of b"blob <size>\0" + content) of examples/NLG/data/e2e/<name> at COMMIT
-BLOB_IDS = {
-    "train.txt": "2f92a2790c00a48574dcc89465a326f33d7e7cc6",
-    "valid.txt": "94f87112e11198710d65a1d5dc7d0b8d9155a07d",
-    "test.txt": "084da9f4409d98058bcb020614afa83824440484",
-}
-RAW_URLS = {name: f"https://raw.githubusercontent.com/microsoft/LoRA/{COMMIT}/examples/NLG/data/e2e/{name}"
-            for name in SPLITS}
 SEP = "||"
 _NEWLINE = re.compile(rb"\r\n|\r|\n")
 
 
 class AuthorsDataError(DataError):
     """A malformed authors' E2E file; the message names the file and line (stages exit 2 on DataError)."""
-
-
-def git_blob_id(data: bytes) -> str:
-    """The id git gives a file with this content: sha1(b"blob <len>\\0" + data), hex."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def verify_blob(path: str | Path, data: bytes, expected: str) -> None:
-    """Raise unless `data` (the bytes of `path`) has git blob id `expected`."""
-    got = git_blob_id(data)
-    if got != expected:
-        raise AuthorsDataError(f"{path}: git blob id {got}, expected {expected} (microsoft/LoRA@{COMMIT[:7]})")
 
 
 def cut_like_gpt2_decode(text: str) -> str:
@@ -100,15 +77,12 @@ def parse_authors_text(text: str, source: str | Path) -> list[tuple[str, str]]:
     return rows
 
 
-def read_authors_file(path: str | Path, expected_blob: str | None = None) -> list[tuple[str, str]]:
-    """(context, completion) rows of one authors' file; with `expected_blob`, its git blob id is checked first."""
+def read_authors_file(path: str | Path) -> list[tuple[str, str]]:
+    """(context, completion) rows of one authors' file (download-data checked its git blob id against the pin)."""
     path = Path(path)
     if not path.is_file():
         raise AuthorsDataError(f"{path}: no such file")
-    data = path.read_bytes()
-    if expected_blob is not None:
-        verify_blob(path, data, expected_blob)
-    return parse_authors_text(decode_utf8(path, data), path)
+    return parse_authors_text(decode_utf8(path, path.read_bytes()), path)
 
 
 def group_references(rows: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:

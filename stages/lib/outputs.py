@@ -110,6 +110,11 @@ def write_json(path: str | Path, obj) -> None:
         f.write("\n")
 
 
+def git_blob_id(data: bytes) -> str:
+    """The id git gives a file with this content: sha1(b"blob <len>\\0" + data), hex (how data/upstream.yaml pins)."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
 def sha256_file(path: str | Path) -> str:
     """A file's sha256, read in 1 MiB chunks (model weights are 1.5 GB)."""
     h = hashlib.sha256()
@@ -117,3 +122,14 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive(*paths: str | Path | None):
+    """Hold every output path of this run (stages/lib/lifeline.py's flock): a second run of the same stage, while
+    this one lives, stops with one line naming the path and this run's pid, before it writes anything."""
+    with contextlib.ExitStack() as stack:
+        for path in paths:
+            if path is not None:
+                stack.enter_context(lifeline.exclusive(path))
+        yield

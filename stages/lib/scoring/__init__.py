@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import threading
 
+from stages.lib.cli import InputError
 from stages.lib.e2e import DataError
 from stages.lib.scoring import coco, mteval
 from stages.lib.scoring.meteor import JavaError, Meteor
@@ -23,8 +24,8 @@ METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
 MODES = {"perl": mteval.bleu_nist, "python": mteval.bleu_nist_python}
 
 
-class ScoreError(RuntimeError):
-    """A metric cannot be computed (the official scorer would fail too) or came out non-finite."""
+class ScoreError(InputError):
+    """A metric cannot be computed from these outputs (the official scorer would fail too) or came out non-finite."""
 
 
 CLOSE_WAIT_S = 1.5  # how long an exit waits for the cancelled METEOR worker to clean up before leaving it behind

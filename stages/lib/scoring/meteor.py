@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
+from stages.lib.cli import InputError
 from stages.lib.scoring import paraphrase
 from stages.lib.scoring.paraphrase import METEOR_JAR, PARAPHRASE_TABLE
 
@@ -34,8 +35,8 @@ JAVA_INSTALL_HINT = "install a Java runtime, e.g. `apt-get install default-jre-h
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-class JavaError(RuntimeError):
-    """Java is missing, or METEOR's JVM failed or timed out."""
+class JavaError(InputError):
+    """Java is missing, or METEOR's JVM failed or timed out: the machine's to fix (exit 2, as every bad input)."""
 
 
 def _java() -> str:
