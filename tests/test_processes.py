@@ -81,14 +81,14 @@ def test_a_crash_on_rank_one_fails_the_stage_within_seconds(ws, tmp_path):
     (hook / "sitecustomize.py").write_text(
         "import os\n"
         "if os.environ.get('RANK') == '1':\n"
-        "    import torch\n"
-        "    step, calls = torch.optim.AdamW.step, []\n"
+        "    from stages.lib.optim import AuthorsAdamW\n"
+        "    step, calls = AuthorsAdamW.step, []\n"
         "    def failing(self, *a, **k):\n"
         "        calls.append(1)\n"
         "        if len(calls) == 2:\n"
         "            raise RuntimeError('injected failure on rank 1')\n"
         "        return step(self, *a, **k)\n"
-        "    torch.optim.AdamW.step = failing\n")
+        "    AuthorsAdamW.step = failing\n")
     start = time.monotonic()
     command = [*TRAIN[:TRAIN.index("--out") + 1], "models/crashed", *TRAIN[TRAIN.index("--out") + 2:]]
     proc = run(ws, command, env={"PYTHONPATH": str(hook)}, timeout=300)

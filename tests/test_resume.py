@@ -18,19 +18,19 @@ import yaml
 from conftest import make_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
-# The hook makes optimizer step HANG_AT_STEP of the run hang, after saying so in the file HANG_MARK: the test then
+# The hook makes optimizer step HANG_AT_STEP of the run (the authors' AdamW, the recipe's) hang, after saying so in the file HANG_MARK: the test then
 # kills the run, with the checkpoints written before that step on disk. No sleeps in the test: it waits for files.
 HANG = ("import os, time\n"
         "if os.environ.get('HANG_AT_STEP'):\n"
-        "    import torch\n"
-        "    step, calls = torch.optim.AdamW.step, []\n"
+        "    from stages.lib.optim import AuthorsAdamW\n"
+        "    step, calls = AuthorsAdamW.step, []\n"
         "    def slow(self, *a, **k):\n"
         "        calls.append(1)\n"
         "        if len(calls) == int(os.environ['HANG_AT_STEP']):\n"
         "            open(os.environ['HANG_MARK'], 'w').close()\n"
         "            time.sleep(600)\n"
         "        return step(self, *a, **k)\n"
-        "    torch.optim.AdamW.step = slow\n")
+        "    AuthorsAdamW.step = slow\n")
 # 23 examples, batch 1, 3 epochs: 69 steps, a log every ceil(0.02 * 69) = 2 steps. A checkpoint asked for every 3
 # steps is written at the next log step (4, 8, ...), never between two logs, where a resume would log another loss.
 SETTINGS = {"authors.train.epochs": 3, "authors.train.warmup_steps": 0, "authors.train.batch_size": 1,
