@@ -21,7 +21,7 @@ import torch
 from transformers import GPT2LMHeadModel, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import SuppressTokensLogitsProcessor
 
-from stages.lib import authors_data, beam, cli, fidelity, gpt2, li_liang, li_liang_beam, lora, speed
+from stages.lib import authors_data, beam, cli, decoding, fidelity, gpt2, li_liang, li_liang_beam, lora, speed
 from stages.lib import params as P
 from stages.lib import runtime
 from stages.lib.cli import InputError
@@ -86,7 +86,7 @@ class NoRepeatNGramInOutput(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         # The same bans as transformers' NoRepeatNGramLogitsProcessor, without its per-hypothesis device-to-host
         # copy every step (tests/test_speed.py compares them).
-        return speed.ban_repeated_ngrams(input_ids[:, self.prompt_len:], scores, self.n)
+        return decoding.ban_repeated_ngrams(input_ids[:, self.prompt_len:], scores, self.n)
 
 
 def one_line(text: str) -> str:
@@ -137,13 +137,8 @@ def transformers_search(model, contexts: list[list[int]], cfg: dict, decode, sta
     outputs = []
     for first in range(0, len(contexts), cfg["batch_size"]):
         batch = contexts[first:first + cfg["batch_size"]]
-        width = max(len(c) for c in batch)
-        ids = torch.full((len(batch), width), EOS, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, c in enumerate(batch):
-            ids[i, width - len(c):] = torch.tensor(c)
-            mask[i, width - len(c):] = 1
-        ids, mask = ids.to(model.device), mask.to(model.device)
+        ids, mask = (t.to(model.device) for t in decoding.left_pad(batch, pad=EOS))
+        width = ids.shape[1]
         ban = [NoRepeatNGramInOutput(cfg["no_repeat_ngram_size"], width)] if cfg["no_repeat_ngram_size"] else []
         if cfg["banned_ids"]:
             ban.append(SuppressTokensLogitsProcessor(cfg["banned_ids"], device=model.device))

@@ -21,13 +21,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from stages.lib import cli  # noqa: E402
 from stages.lib import params as P  # noqa: E402
 from stages.lib.cli import InputError  # noqa: E402
+from stages.lib.metrics import METRICS as E2E_METRICS  # noqa: E402
+from stages.lib.metrics import PERCENT  # noqa: E402
 from stages.lib.outputs import atomic_dir, atomic_file, exclusive, write_json  # noqa: E402
 from stages.lib.protocols import PROTOCOLS  # noqa: E402
 
 METHODS = {"base": "pretrained only (no fine-tuning)", "lora": "LoRA", "full": "full fine-tuning"}
 # (key, header, decimals as the paper prints them); the score stage writes them in the paper's units (`--units paper`)
-METRICS = [("bleu", "BLEU", 2), ("nist", "NIST", 4), ("meteor", "METEOR", 2), ("rouge_l", "ROUGE-L", 2),
-           ("cider", "CIDEr", 4)]
+# (key, title, decimals): two more than the paper prints (stages/lib/metrics.py says which are in %)
+METRICS = [(key, title, 2 if percent else 4) for key, title, percent in E2E_METRICS]
 # Hu et al. 2021, Table 3 (GPT-2 Medium, E2E test set). The FT row is copied there from Li & Liang (2021).
 PAPER = {
     "full": {"params": "354.92M", "bleu": "68.2", "nist": "8.62", "meteor": "46.2", "rouge_l": "71.0",
@@ -172,7 +174,7 @@ def plot_metrics(df: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, len(METRICS), figsize=(12, 3))
     for ax, (key, name, _) in zip(axes, METRICS):
         ax.bar(list(means.index), means[key], color=["grey", "tab:blue", "tab:orange"][:len(means)])
-        ax.set_title(name + (" (%)" if key in ("bleu", "meteor", "rouge_l") else ""))
+        ax.set_title(name + (" (%)" if key in PERCENT else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

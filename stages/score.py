@@ -24,12 +24,12 @@ from stages.lib.cli import InputError
 from stages.lib.e2e import DataError, group_by_mr, read_e2e_csv, read_text
 from stages.lib.outputs import atomic_file, check_writable, exclusive
 from stages.lib.protocols import PROTOCOLS
+from stages.lib.metrics import PERCENT
 from stages.lib.scoring import METRICS, MODES, score
 
 __all__ = ["score", "in_units", "load_refs", "load_predictions", "main"]
 RESERVED = (*METRICS, "mode", "units")
 # Table 3 prints BLEU, METEOR and ROUGE-L in %, NIST and CIDEr as they come.
-PERCENT = ("bleu", "meteor", "rouge_l")
 # measure_scores.py read_tsv repairs these mis-encodings in CSV files before parsing.
 _MOJIBAKE = (("Ł", "£"), ("Â£", "£"), ("Ã©", "é"), ("ã©", "é"))
 

@@ -28,11 +28,12 @@ def work(args) -> None:
                                  f"{args.ready}.worker{i}"]) for i in range(args.workers)]
     with outputs.atomic_file(args.out) as f:
         f.write("partial\n")
+        if args.stuck:  # blocked before saying ready: a SIGTERM from then on can only meet the stuck main thread
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # another thread takes it
         Path(args.ready).write_text(f"{os.getpid()}\n")
         if args.done:
             return
         if args.stuck:
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # another thread takes it
             ctypes.CDLL(None).sleep(60)
         while True:
             if any(w.poll() is not None for w in workers):

@@ -198,8 +198,7 @@ def test_sigterm_while_stuck_in_native_code_exits_after_the_grace_period(tmp_pat
     ready = tmp_path / "ready"
     proc = subprocess.Popen([sys.executable, str(CHILD), str(tmp_path / "out.txt"), "--ready", str(ready), "--stuck"],
                             env=_env(tmp_path), stderr=subprocess.PIPE)
-    _wait_for(ready, proc)
-    time.sleep(0.2)  # into the native sleep
+    _wait_for(ready, proc)  # SIGTERM is blocked by then, and the main thread goes on into a native sleep
     proc.terminate()
     start = time.monotonic()
     try:

@@ -80,6 +80,29 @@ def _start_scorer(tmp_path: Path) -> tuple[subprocess.Popen, int]:
     pytest.fail(f"no JVM seen (scorer exit {proc.poll()})")
 
 
+def _until(condition, what: str, seconds: float = 60) -> None:
+    """Poll `condition` until it holds; fail after `seconds`, saying `what` never happened."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} within {seconds} s")
+        time.sleep(0.02)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _booted(jvm: int) -> bool:
+    """The JVM runs its own threads (it has booted and is reading its paraphrase pipe), or is already gone."""
+    try:
+        return len(os.listdir(f"/proc/{jvm}/task")) > 1
+    except FileNotFoundError:
+        return True
+
+
 def _gone_within(pid: int, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -95,7 +118,7 @@ def _gone_within(pid: int, seconds: float) -> bool:
 @linux_only
 def test_sigkill_of_the_scorer_takes_its_jvm_with_it(tmp_path):
     proc, jvm = _start_scorer(tmp_path)
-    time.sleep(0.5)  # mid-run: the JVM is booting or reading its paraphrase pipe
+    _until(lambda: _booted(jvm), "the JVM did not boot")  # mid-run: the JVM is reading its paraphrase pipe
     proc.kill()
     proc.wait()
     try:
@@ -109,7 +132,7 @@ def test_sigkill_of_the_scorer_takes_its_jvm_with_it(tmp_path):
 @linux_only
 def test_sigterm_kills_the_jvm_and_leaves_no_temporary_files(tmp_path):
     proc, jvm = _start_scorer(tmp_path)
-    time.sleep(0.5)
+    _until(lambda: _booted(jvm), "the JVM did not boot")
     proc.terminate()
     try:
         assert proc.wait(timeout=30) == 128 + signal.SIGTERM
@@ -128,7 +151,7 @@ def test_sigkill_of_the_scorer_leaves_nothing_on_disk(tmp_path):
     (/dev/fd/N), never a named pipe in a temporary directory, and the JVM writes no /tmp/hsperfdata_<user>/<pid>."""
     proc, jvm = _start_scorer(tmp_path)
     args = Path(f"/proc/{jvm}/cmdline").read_bytes().split(b"\0")
-    time.sleep(0.5)  # mid-run: the JVM is booting or reading its paraphrase pipe
+    _until(lambda: _booted(jvm), "the JVM did not boot")  # mid-run: the JVM is reading its paraphrase pipe
     proc.kill()
     proc.wait()
     try:
@@ -155,7 +178,10 @@ def test_sigterm_during_the_paraphrase_index_build_exits_within_seconds_leaving_
     while not lock.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert lock.exists(), f"the index build never started (scorer exit {proc.poll()})"
-    time.sleep(0.5)  # inside build_index's first chunk
+    # Inside build_index's chunks (seconds of numpy work, before its last step writes anything): the scorer has
+    # spent half a CPU second more since it took the build lock.
+    started = _cpu_seconds(proc.pid)
+    _until(lambda: proc.poll() is not None or _cpu_seconds(proc.pid) > started + 0.5, "the build used no CPU")
     jvms = _java_children(proc.pid)
     proc.terminate()
     start = time.monotonic()

@@ -7,7 +7,7 @@ import torch
 
 from conftest import default_params
 from stages.lib import params as P
-from stages.lib import speed
+from stages.lib import decoding, speed
 
 RUNTIME = ("dataloader_workers", "pin_memory")  # the runtime keys speed.resolve reads; the rest are speed's
 
@@ -173,8 +173,8 @@ def test_ngram_ban_equals_transformers(n):
         ids = torch.randint(0, 6, (12, length), generator=g)  # a 6-token alphabet: many repeats
         scores = torch.randn(12, 9, generator=g)
         expected = NoRepeatNGramLogitsProcessor(n)(ids, scores.clone())
-        got = speed.ban_repeated_ngrams(ids, scores.clone(), n)
+        got = decoding.ban_repeated_ngrams(ids, scores.clone(), n)
         assert torch.equal(torch.isinf(got), torch.isinf(expected)), (n, length)
         assert torch.equal(got[~torch.isinf(got)], scores[~torch.isinf(got)])
-    assert torch.isinf(speed.ban_repeated_ngrams(torch.tensor([[1, 2, 3, 1, 2]]), torch.zeros(1, 5), 3)).tolist() \
+    assert torch.isinf(decoding.ban_repeated_ngrams(torch.tensor([[1, 2, 3, 1, 2]]), torch.zeros(1, 5), 3)).tolist() \
         == [[False, False, False, True, False]]  # "1 2" was followed by 3: 3 is banned, nothing else

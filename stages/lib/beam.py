@@ -34,22 +34,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _banned(history: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, tokens) index pairs: tokens that would complete an n-gram already in `history` (rows, steps).
-
-    Same rule as gpt2_beam.py's `_calc_banned_ngram_tokens` (lines 96-122): the last n-1 generated tokens are
-    the prefix; every token that followed that prefix earlier in the same row is banned.
-    """
-    rows, steps = history.shape
-    if n <= 0 or steps < n:
-        empty = history.new_zeros(0)
-        return empty, empty
-    grams = history.unfold(1, n, 1)                                  # (rows, steps-n+1, n)
-    prefix = history[:, steps - n + 1:]                             # (rows, n-1)
-    hit = (grams[:, :, :n - 1] == prefix[:, None, :]).all(-1)        # (rows, steps-n+1)
-    row_idx, gram_idx = hit.nonzero(as_tuple=True)
-    return row_idx, grams[row_idx, gram_idx, n - 1]
+from stages.lib.decoding import ban_repeated_ngrams, left_pad
 
 
 def _offer(best_score, has_best, best_seq, best_len, scores, is_cand, history, num_beams):
@@ -80,13 +65,7 @@ def _search_batch(model, contexts, num_beams, length_penalty, no_repeat_ngram_si
     """One batch of contexts -> the winning candidate of each, as a list of token ids (EOS included if any)."""
     device = model.device
     B, K = len(contexts), num_beams
-    width = max(len(c) for c in contexts)
-    ids = torch.zeros(B, width, dtype=torch.long)
-    mask = torch.zeros(B, width, dtype=torch.long)
-    for b, c in enumerate(contexts):               # left padding: every context ends at column width-1
-        ids[b, width - len(c):] = torch.tensor(c, dtype=torch.long)
-        mask[b, width - len(c):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = (t.to(device) for t in left_pad(contexts))  # (B, width): every context ends at column width - 1
     ctx_len = mask.sum(1)                                            # (B,)
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
 
@@ -115,7 +94,7 @@ def _search_batch(model, contexts, num_beams, length_penalty, no_repeat_ngram_si
             logits = logits.float()
         V = logits.shape[-1]
         if no_repeat_ngram_size > 0 and i > 0:                        # ban on the logits, before the softmax
-            logits[_banned(history, no_repeat_ngram_size)] = float("-inf")   # in place: out is not reused
+            logits = ban_repeated_ngrams(history, logits, no_repeat_ngram_size)   # generated tokens only
         logprob = torch.log(torch.softmax(logits, dim=-1))           # as gpt2_beam.py lines 278 and 284
         if i == 0:
             next_scores = logprob                                    # (B, V)

@@ -48,6 +48,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from stages.lib.decoding import left_pad
+
 # run_generation.py lines 1231-1245 + gen.py line 266 + the config defaults (configuration_utils.py lines 166-178).
 RUN_GENERATION = dict(num_beams=5, max_new_tokens=100, length_penalty=1.0, banned_ids=(628, 198), eos_id=50256,
                       early_stopping=False)
@@ -85,17 +87,6 @@ class _Hypotheses:
         return sorted(self.beams, key=lambda x: x[0]).pop()[1]   # line 885-888: the last of equal scores
 
 
-def _left_pad(contexts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask), both (B, width): every context ends at column width-1, pads are masked."""
-    width = max(len(c) for c in contexts)
-    ids = torch.zeros(len(contexts), width, dtype=torch.long)
-    mask = torch.zeros(len(contexts), width, dtype=torch.long)
-    for b, c in enumerate(contexts):
-        ids[b, width - len(c):] = torch.tensor(c, dtype=torch.long)
-        mask[b, width - len(c):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _logits(model, ids, mask, cache, step, fed, prompt_len):
     """The next-token logits of every row, (R, V) in float32 or float64, and the cache.
 
@@ -122,7 +113,7 @@ def _logits(model, ids, mask, cache, step, fed, prompt_len):
 def _greedy_batch(model, contexts, max_new_tokens, banned, eos_id):
     """num_beams=1: `_generate_no_beam_search` (lines 560-647), greedy argmax of the banned logits up to the EOS."""
     device = model.device
-    ids, mask = _left_pad(contexts, device)
+    ids, mask = (t.to(device) for t in left_pad(contexts))
     prompt_len = mask.sum(1)
     out: list[list[int]] = [[] for _ in contexts]
     live = list(range(len(contexts)))                                # contexts still generating, in row order
@@ -152,7 +143,7 @@ def _greedy_batch(model, contexts, max_new_tokens, banned, eos_id):
 def _beam_batch(model, contexts, K, max_new_tokens, length_penalty, banned, eos_id, early_stopping):
     """One batch of contexts, num_beams K >= 2 -> the generated ids of each one's best hypothesis (no EOS)."""
     device = model.device
-    ids, mask = _left_pad(contexts, device)
+    ids, mask = (t.to(device) for t in left_pad(contexts))
     prompt_len = mask.sum(1)                                         # (R,): one row per context at step 0
     plen = [len(c) for c in contexts]
     hyps = [_Hypotheses(K, length_penalty, early_stopping) for _ in contexts]

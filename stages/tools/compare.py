@@ -7,7 +7,7 @@ the --by parameter, the five E2E metrics in the paper's units (BLEU, METEOR, ROU
 mean ± sample std (n - 1) over the runs sharing that value, and n. Every metrics file matching --metrics in a run
 is one sample, so a run that scores several seeds contributes each. Another parameter that also differs between the
 runs (say lora.targets in a rank table) becomes a column, so different settings are never averaged together; seeds
-(train.seed, train.seeds) are what is averaged over. Runs without metrics (queued, running, failed) are listed
+(train.seeds) are what is averaged over. Runs without metrics (queued, running, failed) are listed
 under the table, never dropped silently: DVC shows a failed or running queued experiment with the metrics left in
 the workspace by another run, so only finished runs' files count. The workspace row is not counted (after
 `dvc exp run` it repeats the last experiment; after an edit its metrics may be stale).
@@ -28,12 +28,12 @@ import pandas as pd
 
 from stages.lib import cli
 from stages.lib.cli import InputError
+from stages.lib.metrics import METRICS as E2E_METRICS
 
 # key in the metrics file, column title, factor to the paper's units for a fraction file, decimals (paper Table 3).
 # A metrics file names its units (stages/score.py --units); one without the key is the scorer's fractions.
-METRICS = (("bleu", "BLEU", 100, 1), ("nist", "NIST", 1, 2), ("meteor", "METEOR", 100, 1),
-           ("rouge_l", "ROUGE-L", 100, 1), ("cider", "CIDEr", 1, 2))
-AVERAGED = ("train.seed", "train.seeds")  # what runs of one setting differ by
+METRICS = tuple((key, title, 100 if percent else 1, 1 if percent else 2) for key, title, percent in E2E_METRICS)
+AVERAGED = ("train.seeds",)  # what runs of one setting differ by
 DONE = (None, "success")  # executor state of a finished run: None for `dvc exp run` and commits
 
 

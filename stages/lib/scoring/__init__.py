@@ -14,12 +14,13 @@ import threading
 
 from stages.lib.cli import InputError
 from stages.lib.e2e import DataError
+from stages.lib.metrics import KEYS
 from stages.lib.scoring import coco, mteval
 from stages.lib.scoring.meteor import JavaError, Meteor
 from stages.lib.scoring.ptb import coco_tokenize
 
 __all__ = ["METRICS", "MODES", "DataError", "JavaError", "ScoreError", "score"]
-METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
+METRICS = KEYS  # stages/lib/metrics.py
 # measure_scores.py's MT-Eval modes: "perl" is its default (mteval-v13a-sig.pl), "python" its -p (pymteval.py).
 MODES = {"perl": mteval.bleu_nist, "python": mteval.bleu_nist_python}
 

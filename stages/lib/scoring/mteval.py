@@ -85,12 +85,13 @@ def _closest_length(ref_lengths: list[int], hyp_length: int) -> int:
 
 
 def _nist_length_penalty(ratio: float) -> float:
+    """NIST's brevity penalty exp(-beta log(ratio)^2), beta such that an output 1.5 times too short keeps half: both
+    mteval-v13a and pymteval (l. 210) compute beta as -log(0.5) / log(1.5)^2 (the same float either way)."""
     if ratio >= 1:
         return 1.0
     if ratio <= 0:
         return 0.0
-    beta = -math.log(0.5) / math.log(1.5) / math.log(1.5)
-    return math.exp(-beta * math.log(ratio) ** 2)
+    return math.exp(-(-math.log(0.5) / math.log(1.5) ** 2) * math.log(ratio) ** 2)
 
 
 def bleu_nist(refs: list[list[str]], hyps: list[str]) -> tuple[float, float]:
@@ -226,8 +227,4 @@ def _py_nist(ref_ngrams: Counter, hit_ngrams: list[tuple[tuple, int]], cand_lens
         raise ZeroDivisionError(f"NIST: the outputs' {zero[0]}-gram count (sum of len - {zero[0] - 1} over outputs) "
                                 "is 0, where measure_scores.py -p fails with ZeroDivisionError")
     score = sum(hit_info[n] / cand_lens[n] for n in range(1, _NIST_N + 1))
-    ratio = cand_lens[1] / float(avg_ref_len)
-    return score * (1.0 if ratio >= 1 else 0.0 if ratio <= 0 else math.exp(-_PY_BETA * math.log(ratio) ** 2))
-
-
-_PY_BETA = -math.log(0.5) / math.log(1.5) ** 2  # pymteval l. 210
+    return score * _nist_length_penalty(cand_lens[1] / float(avg_ref_len))
