@@ -24,7 +24,7 @@ demo: venv
 	bash scripts/demo.sh
 
 test: venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 bench: venv
 	$(BIN)/python benchmarks/bench_lora.py

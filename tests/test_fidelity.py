@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from stages.lib.e2e import group_by_mr, parse_mr, read_e2e_csv
-from stages.lib.fidelity import KEYS, fidelity, main, realised
+from stages.lib.fidelity import KEYS, fidelity, realised
+from stages.tools.fidelity import main
 
 ROOT = Path(__file__).resolve().parents[1]
 MR = "name[The Eagle], eatType[coffee shop], food[French], area[riverside], familyFriendly[yes], near[Café Rouge]"

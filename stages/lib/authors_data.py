@@ -1,7 +1,7 @@
 """The LoRA authors' own E2E text files: `MR||reference` lines, read as their scripts read them.
 
 Source: microsoft/LoRA at commit c4593f060e6a368d7bb5af5273b8e42810cdef90, examples/NLG/:
-- data/e2e/{train,valid,test}.txt: one (MR, reference) pair per line, e.g.
+- examples/NLG/data/e2e/{train,valid,test}.txt: one (MR, reference) pair per line, e.g.
   `name : Blue Spice | Type : coffee shop | area : city centre||A coffee shop in the city centre area called Blue
   Spice . ` (MR re-serialised, reference whitespace-tokenised; rows in the official CSVs' order).
 - src/format_converting_e2e.py lines 12-18: `items = line.strip().split('||')`, context = items[0] (the MR as

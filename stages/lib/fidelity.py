@@ -14,19 +14,14 @@ names and other free-text values must appear verbatim (case and accents ignored)
 priceRange, customer rating and familyFriendly accept a few common realisations. It is **approximate**: it misses
 paraphrases, and a value that appears in a wrong context (e.g. "not family-friendly" is caught, "low prices" for
 a low rating is not) still counts. Use it to compare systems on the same MRs, not as an absolute error rate.
-
-    python -m stages.lib.fidelity --refs data/raw/test.csv --predictions data/predictions/lora.txt [...]
+The generate stage adds these numbers to every run's scores; stages/tools/fidelity.py computes them for any file.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import re
-import sys
 import unicodedata
 
-from stages.lib import cli
-from stages.lib.e2e import DataError, group_by_mr, is_official_mr, parse_any_mr, read_e2e_csv, read_text
+from stages.lib.e2e import DataError, is_official_mr, parse_any_mr
 
 KEYS = ("distinct_outputs", "name_realised", "slots_realised")
 
@@ -124,24 +119,3 @@ def fidelity(mrs: list[str], outputs: list[str]) -> dict:
         "name_realised": names_hit / names if names else 0.0,
         "slots_realised": slots_hit / slots,
     }
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--refs", required=True, help="E2E CSV with the MRs (test set), grouped in order of appearance")
-    ap.add_argument("--predictions", required=True, nargs="+", help="one output per line, one line per MR")
-    args = ap.parse_args(argv)
-    mrs = [mr for mr, _ in group_by_mr(read_e2e_csv(args.refs))]
-    result = {}
-    for path in args.predictions:
-        outputs = read_text(path).splitlines()
-        try:
-            result[path] = fidelity(mrs, outputs)
-        except ValueError as e:
-            raise DataError(f"{path}: {e}") from None
-    print(json.dumps(result, indent=1, sort_keys=True))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli.run("fidelity", main))

@@ -1,6 +1,6 @@
 """export_peft: write our LoRA adapter as a PEFT checkpoint, loadable with `PeftModel.from_pretrained`.
 
-    python -m stages.tools.export_peft --adapter models/lora/adapter.safetensors --base models/base --out DIR
+    python -m stages.tools.export_peft --adapter models/lora-s110/adapter.safetensors --base models/base --out DIR
 
 DIR gets adapter_config.json and adapter_model.safetensors; then, with transformers and peft:
 `PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(<the base>), DIR)` computes what our adapted model
@@ -142,7 +142,7 @@ def export(adapter: Path, base: Path, out: Path, verify: bool = True, rtol: floa
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--adapter", type=Path, required=True, help="our adapter (train's models/lora/adapter.safetensors)")
+    ap.add_argument("--adapter", type=Path, required=True, help="our adapter (train-lora's models/lora-s<seed>/adapter.safetensors)")
     ap.add_argument("--base", type=Path, required=True, help="the base model directory it was trained on")
     ap.add_argument("--out", type=Path, required=True, help="directory for the PEFT checkpoint")
     ap.add_argument("--no-verify", action="store_true",

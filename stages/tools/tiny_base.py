@@ -20,7 +20,7 @@ At the end a gate measures teacher-forced copy accuracy on fresh random-token sp
 vocabulary): a base below `--min-copy-accuracy` fails loudly (exit 1, nothing written) instead of being shipped.
 
 Not a DVC stage: its output is a local model directory that the `download` stage copies like any local GPT-2
-(`model.name: <dir>`). With a hub model id nothing here runs.
+(`model.source: <dir>`). With the hub pin (models/gpt2-medium.yaml) nothing here runs.
 
     python -m stages.tools.tiny_base --train data/sample/trainset.csv --tokenizer data/gpt2/tokenizer.json --out base
 """

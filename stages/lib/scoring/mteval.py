@@ -9,7 +9,7 @@ segment (score_segment, l. 810: `$nrefs++ if ( $ref_seg ne '' )`), and NIST's le
 length with the total reference length divided by that count per segment (score_system, l. 624: `$cum_ref_count /
 $cum_seg_count`; nist_score, l. 932), not by the number of padded documents.
 
-Python mode (`-p`; `bleu_nist_python`): e2e-metrics metrics/pymteval.py, which measure_scores.py run_pymteval
+Python mode (`-p`; `bleu_nist_python`): e2e-metrics/metrics/pymteval.py, which measure_scores.py run_pymteval
 (l. 293-306) feeds with the unpadded references. Its tokenizer is mteval's with Python's whitespace class and full
 Unicode lowercasing (of tokens, l. 60), an empty segment is one empty token (l. 113), BLEU smooths zero counts to 1e-15
 (l. 199) and NIST's length penalty uses the sum over segments of each one's mean reference length (l. 255).
