@@ -112,7 +112,7 @@ def test_failed_running_and_queued_runs_are_listed_and_their_stale_metrics_never
 def test_settings_that_differ_in_another_parameter_are_never_averaged_together(capsys):
     rows, _ = run(capsys, fixture(), "--by", "lora.rank")
     assert {(r["lora.rank"], r["lora.targets"]) for r in rows} >= {("2", "q,v"), ("2", "q,k,v,o"), ("8", "k")}
-    assert "train.seed" not in rows[0]  # seeds are what is averaged over
+    assert "train.seeds" not in rows[0]  # seeds are what is averaged over
 
 
 def test_targets_table_has_one_row_per_targets_and_rank(capsys):
