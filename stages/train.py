@@ -53,6 +53,9 @@ def read_config(params: dict | P.Params, method: str, seed: int = 0) -> dict:
     if seed < 0:
         raise P.ParamError(f"train.seeds: a seed must be >= 0, got {seed}")
     cfg = config(p, method)
+    if cfg["loop"]["sampler"] == "authors" and p.speed.group_by_length:
+        raise P.ParamError(f"speed.group_by_length and {P.key_of(p, method, 'train', 'sampler')}=authors both choose "
+                           "the order of the examples: set one of them")
     return {**cfg["loop"], **cfg[method], "layout": cfg["layout"], "pad_token": cfg["pad_token"],
             "processes": cfg["processes"], "recipe": cfg["recipe"], "seed": seed,
             "checkpoint_steps": p.runtime.checkpoint_steps,
@@ -180,13 +183,20 @@ def training_args(cfg: dict, output_dir: str, log_every: int) -> TrainingArgumen
 
 
 class E2ETrainer(Trainer):
-    """The transformers Trainer, with the authors' AdamW (stages/lib/optim.py) when train.optimizer is `authors`:
-    epsilon outside the bias correction, weight decay after the update, one parameter group (optimizer.py), the
-    arithmetic of Li & Liang's fork's AdamW too. `torch` is the Trainer's own torch.optim.AdamW."""
+    """The transformers Trainer, with the authors' AdamW (stages/lib/optim.py) when a recipe's `optimizer` is
+    `authors`: epsilon outside the bias correction, weight decay after the update, one parameter group
+    (optimizer.py), the arithmetic of Li & Liang's fork's AdamW too; `torch` is the Trainer's torch.optim.AdamW. And
+    the authors' loader order when its `sampler` is `authors`; `random` is the Trainer's (Li & Liang's too)."""
 
-    def __init__(self, *args, optimizer_name: str, **kwargs):
+    def __init__(self, *args, optimizer_name: str, sampler_name: str, **kwargs):
         super().__init__(*args, **kwargs)
-        self.optimizer_name = optimizer_name
+        self.optimizer_name, self.sampler_name = optimizer_name, sampler_name
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.sampler_name == "authors":  # their loader's order: the last batch is filled, never short
+            data = train_dataset if train_dataset is not None else self.train_dataset
+            return optim.AuthorsSampler(len(data), self.args.per_device_train_batch_size, self.args.seed)
+        return super()._get_train_sampler(train_dataset)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.optimizer_name == "authors":
@@ -310,7 +320,8 @@ def fit(args, p: P.Params, cfg: dict) -> int:
     if targs.disable_tqdm and targs.process_index == 0:
         callbacks.append(EpochSummary(f"train-{args.method}"))
     trainer = E2ETrainer(model=model, args=targs, train_dataset=train_set, eval_dataset=eval_set,
-                         data_collator=gpt2.collate, callbacks=callbacks, optimizer_name=cfg["optimizer"])
+                         data_collator=gpt2.collate, callbacks=callbacks, optimizer_name=cfg["optimizer"],
+                         sampler_name=cfg["sampler"])
     trainer.remove_callback(PrinterCallback)  # a dict per log on stdout: EpochSummary and DVCLive say it better
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)

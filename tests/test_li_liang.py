@@ -43,6 +43,7 @@ def test_full_fine_tuning_follows_their_recipe_by_default():
         "adam_epsilon": 1e-8,  # tf/training_args.py lines 208-210
         "gpt2_dropout": 0.1,  # the hub config's, on under model.train(); `--use_custom_teacher_dropout 'no'` is truthy
         "optimizer": "authors",  # tf/optimization.py lines 219-318: eps outside the bias correction, decay after
+        "sampler": "random",  # tf/trainer.py lines 325-357: RandomSampler, drop_last False: a short last batch
     }
     assert P.decode(p, "full").model_dump() == {
         "search": "li-liang", "num_beams": 5, "max_new_tokens": 100, "length_penalty": 1.0,  # run_generation.py

@@ -246,3 +246,21 @@ def test_epochs_must_come_in_order():
     order = AuthorsEpochOrder(10, 4, seed=0)
     with pytest.raises(ValueError, match="epoch 2"):
         order.epoch(2)
+
+
+def test_the_sampler_gives_their_order_epoch_by_epoch_and_the_same_after_a_resume():
+    """AuthorsSampler is AuthorsEpochOrder behind the Trainer's set_epoch(0, 1, ...): a sampler asked for epoch 2
+    alone (a run resumed there) draws what a sampler that went through epochs 1 and 2 draws."""
+    from stages.lib.optim import AuthorsEpochOrder, AuthorsSampler
+
+    order = AuthorsEpochOrder(23, 8, seed=110)
+    epochs = [order.epoch(e) for e in (1, 2, 3)]
+    straight = AuthorsSampler(23, 8, seed=110)
+    seen = []
+    for e in range(3):
+        straight.set_epoch(e)
+        seen.append(list(straight))
+    assert seen == epochs and len(straight) == 24  # three whole batches of 8: one filler an epoch
+    resumed = AuthorsSampler(23, 8, seed=110)
+    resumed.set_epoch(2)
+    assert list(resumed) == epochs[2]

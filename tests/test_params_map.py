@@ -37,9 +37,9 @@ DECODING = {"search": ("transformers", {}), "eos_ids": ([50256, 13], {"search": 
             "banned_ids": ([13], {"search": "transformers"})}
 
 
-def recipe_rows(name: str, layout: str, pad_token: bool, train: set[str], decode: set[str]) -> dict:
+def recipe_rows(name: str, layout: str, pad_token: bool, sampler: str, train: set[str], decode: set[str]) -> dict:
     rows = {f"{name}.layout": (layout, {*train, *decode}), f"{name}.pad_token": (pad_token, {*train, *decode})}
-    rows |= {f"{name}.train.{k}": (v, train) for k, v in LOOP.items()}
+    rows |= {f"{name}.train.{k}": (v, train) for k, v in {**LOOP, "sampler": sampler}.items()}
     rows |= {f"{name}.generate.{k}": (v, decode, {f"{name}.generate.{c}": w for c, w in context.items()})
              for k, (v, context) in DECODING.items()}
     return rows
@@ -68,8 +68,8 @@ CHANGES = {
     "full.train": ({"epochs": 1}, {"train-full"}),
     "full.generate": ({"num_beams": 3}, {"generate-full"}),
     # the authors' recipe: LoRA's runs, and the base's decoding; Li & Liang's: full fine-tuning's (the defaults)
-    **recipe_rows("authors", "equals", True, {"train-lora"}, {"generate-base", "generate-lora"}),
-    **recipe_rows("li_liang", "paper", False, {"train-full"}, {"generate-full"}),
+    **recipe_rows("authors", "equals", True, "random", {"train-lora"}, {"generate-base", "generate-lora"}),
+    **recipe_rows("li_liang", "paper", False, "authors", {"train-full"}, {"generate-full"}),
     "speed.precision": ("bf16", {*TRAIN, *DECODE}),
     "speed.compile": (True, {*TRAIN, *DECODE}),
     "speed.group_by_length": (True, TRAIN),

@@ -217,6 +217,22 @@ def test_adam_epsilon_param_reaches_the_optimizer(params_file, base_dir, tmp_pat
     assert optimizer.defaults["eps"] == eps and optimizer.defaults["betas"] == (0.9, 0.999)
 
 
+@pytest.mark.parametrize("sampler", ["authors", "random"])
+def test_the_recipes_sampler_reaches_the_trainer(params_file, base_dir, tmp_path, sampler):
+    from stages.lib.optim import AuthorsSampler
+    cfg = train.read_config(params_file(authors__train__sampler=sampler), "lora")
+    data = [{"input_ids": [1, 2, 3], "n_context": 1}] * 5
+    trainer = train.E2ETrainer(model=train.build_model(base_dir, "lora", cfg), train_dataset=data, eval_dataset=data,
+                               args=train.training_args(cfg, str(tmp_path), log_every=1),
+                               optimizer_name=cfg["optimizer"], sampler_name=cfg["sampler"])
+    assert isinstance(trainer._get_train_sampler(), AuthorsSampler) is (sampler == "authors")
+
+
+def test_the_authors_order_and_length_grouping_cannot_both_be_asked_for(params_file):
+    with pytest.raises(ParamError, match="speed.group_by_length and authors.train.sampler=authors"):
+        train.read_config(params_file(speed__group_by_length=True), "lora")
+
+
 @pytest.mark.parametrize("search", ["authors", "transformers"])
 def test_generate_search_param_picks_the_decoder(params_file, monkeypatch, search):
     """generate.search reaches the decoder: the authors' search (stages/lib/beam.py) or transformers' generate()."""

@@ -10,6 +10,8 @@ Their AdamW differs from torch.optim.AdamW in two places, both kept here:
 - decoupled weight decay comes AFTER the Adam update, on the updated weight: p -= lr * wd * p (lines 127-128).
 `correct_bias` switches the bias correction (line 112); the class default is True, their command-line default
 False (`--correct_bias` is store_true, line 22), and their E2E README command passes `--correct_bias`.
+
+Their loader's order (AuthorsEpochOrder, AuthorsSampler for the Trainer) is the `authors` recipe's `sampler`.
 """
 from __future__ import annotations
 
@@ -120,3 +122,25 @@ class AuthorsEpochOrder:
         g.manual_seed(self.seed + epoch)                                    # DistributedSampler.__iter__
         slots = torch.randperm(self.num_batches * self.batch_size, generator=g).tolist()
         return [s if s < self.n else self.filler.randint(0, self.n - 1) for s in slots]
+
+
+class AuthorsSampler(torch.utils.data.Sampler):
+    """AuthorsEpochOrder as the transformers Trainer's sampler. The Trainer calls set_epoch(0), set_epoch(1), ...
+    before each epoch (their epoch e + 1); every epoch replays the filler stream from epoch 1, so a run resumed in
+    epoch e draws the same order as one that never stopped."""
+
+    def __init__(self, n_examples: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed, self.epoch = n_examples, batch_size, seed, 0
+        self.slots = AuthorsEpochOrder(n_examples, batch_size, seed).num_batches * batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.slots
+
+    def __iter__(self):
+        order = AuthorsEpochOrder(self.n, self.batch_size, self.seed)
+        for earlier in range(1, self.epoch + 1):
+            order.epoch(earlier)
+        return iter(order.epoch(self.epoch + 1))

@@ -165,6 +165,7 @@ class Loop(Section):
     adam_epsilon: Positive
     gpt2_dropout: Probability
     optimizer: Literal["authors", "torch"]
+    sampler: Literal["authors", "random"]
 
 
 class Decode(Section):
