@@ -1,7 +1,8 @@
 """The DVC pipeline end to end, through the demo script (shrunk to seconds per stage: conftest.TINY_DEMO).
 
 What reruns for every other key is specified with `dvc status` in tests/test_params_map.py; here the runs that need
-a real `dvc exp run`: the rank change the README promises, a second seed, the official protocol, a bad param.
+a real `dvc exp run`: the rank change the README promises, a second seed (for the report's spread and exp show), a
+bad param. The official protocol's files and scorer mode are the stages' own tests' (preprocess, score, download).
 Each test that runs something works in its own copy of the one demo workspace, so they pass alone and in any order.
 """
 from __future__ import annotations
@@ -85,16 +86,6 @@ def test_a_second_seed_trains_only_its_runs_and_exp_show_reads_like_table_3(demo
         assert cells[f"{method}.n"] == "2"
         for metric in ("bleu", "nist", "meteor", "rouge_l", "cider"):
             assert cells[f"{method}.{metric}.mean"] not in ("", "-") and cells[f"{method}.{metric}.std"] != "-"
-
-
-def test_the_official_e2e_protocol_reads_its_csvs_and_scores_in_perl_mode(demo_copy):
-    """protocol=e2e, run up to the base's score: the sample's CSVs and the official scorer's Perl mode; the model
-    is not fetched again (what else the switch reruns: tests/test_params_map.py)."""
-    out = run(["dvc", "exp", "run", "-S", "protocol=e2e", "score-base"], cwd=demo_copy)
-    assert stages_run(out) == {"download-data", "preprocess", "generate-base", "score-base"}
-    assert sorted(p.name for p in (demo_copy / "data" / "raw").iterdir()) == ["dev.csv", "test.csv", "train.csv"]
-    scores = json.loads((demo_copy / "metrics" / "scores" / "base.json").read_text())
-    assert scores["mode"] == "perl" and scores["test_mrs"] == 60
 
 
 def test_bad_param_fails_the_stage_with_its_name_and_keeps_outputs_whole(demo_copy):

@@ -94,10 +94,19 @@ def kill_at(ws: Path, name: str, step: int) -> Path:
 
 
 def test_killed_run_resumes_to_the_same_bytes(ws, uninterrupted):
-    # Killed at step 7: checkpoint-4 on disk, and the killed run has logged steps 5 and 6 to DVCLive already.
+    """Killed at step 7 (checkpoint-4 on disk, steps 5 and 6 already logged to DVCLive) and rerun with another
+    runtime key (a loader worker: it changes no number, so it is not in the fingerprint): it resumes, and every
+    file ends as an uninterrupted run's."""
     checkpoints = kill_at(ws, "killed", step=7)
     assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-4"]
-    proc = subprocess.run(command("killed"), cwd=ws, env=env(), capture_output=True, text=True, timeout=600)
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["runtime"]["dataloader_workers"] = 1
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    try:
+        proc = subprocess.run(command("killed"), cwd=ws, env=env(), capture_output=True, text=True, timeout=600)
+    finally:
+        params["runtime"]["dataloader_workers"] = 0
+        (ws / "params.yaml").write_text(yaml.safe_dump(params))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from checkpoints/killed/checkpoint-4" in proc.stderr
     assert tracked(ws, "killed") == uninterrupted  # adapter, train_info, loss history, DVCLive: bit for bit
@@ -120,19 +129,3 @@ def test_a_checkpoint_from_other_params_is_discarded_not_resumed(ws, uninterrupt
     info = json.loads((ws / "models/changed/train_info.json").read_text())
     assert info["steps"] == json.loads((ws / "models/straight/train_info.json").read_text())["steps"]
     assert tracked(ws, "changed") != uninterrupted  # another lr: trained from scratch, differently
-
-
-def test_a_runtime_key_does_not_discard_the_checkpoint(ws, uninterrupted):
-    """runtime.* changes no number, so it is not in the fingerprint: a rerun with more loader workers resumes."""
-    kill_at(ws, "workers", step=7)
-    params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["runtime"]["dataloader_workers"] = 1
-    (ws / "params.yaml").write_text(yaml.safe_dump(params))
-    try:
-        proc = subprocess.run(command("workers"), cwd=ws, env=env(), capture_output=True, text=True, timeout=600)
-    finally:
-        params["runtime"]["dataloader_workers"] = 0
-        (ws / "params.yaml").write_text(yaml.safe_dump(params))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming from checkpoints/workers/checkpoint-4" in proc.stderr
-    assert tracked(ws, "workers") == uninterrupted
