@@ -1,9 +1,8 @@
 """generate: beam-search one output per distinct test MR, in order of first appearance (the E2E scorers' format).
 
-Three searches (a recipe's `generate.search`), each as its source code runs it: `authors` is gpt2_beam.py's (stages/lib/beam.py,
-Table 11's beam 10, length penalty 0.9, no repeated 4-grams of the output, 64 steps), then gpt2_decode.py's cut;
-`li-liang` is Li & Liang's fork's generate() (stages/lib/li_liang_beam.py), then run_generation.py's text; and
-`transformers` is transformers' own beam search. A method's recipe decides which one its runs use (README).
+A method's recipe (`<recipe>.generate.search`) picks one of three searches, each as its source code runs it:
+`authors` is gpt2_beam.py's (stages/lib/beam.py), then gpt2_decode.py's cut; `li-liang` is Li & Liang's fork's
+generate() (stages/lib/li_liang_beam.py), then run_generation.py's text; `transformers` is transformers' own.
 `--method base` decodes with the pretrained model itself (no fine-tuning): the floor both methods must beat.
 LoRA is merged into the base weights before decoding (section 4.1: no added inference latency).
 """

@@ -196,7 +196,8 @@ def main(argv=None) -> int:
     df = runs(Path(args.scores), Path(args.costs), seeds)
     base = Path(args.base)
     model_config, identity = read_json(base / "config.json"), read_json(base / "identity.json")
-    lines = ["# LoRA vs full fine-tuning on E2E (GPT-2, Hu et al. 2021 Table 3)", "", caveat(model_config, identity), "",
+    lines = ["# LoRA vs full fine-tuning on E2E (GPT-2, Hu et al. 2021 Table 3)", "",
+             caveat(model_config, identity), "",
              f"Protocol: {protocol.label}.", "",
              "BLEU, METEOR and ROUGE-L in %, as the paper prints them; "
              + (f"mean ± sample standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))})"

@@ -53,7 +53,8 @@ def expand(stages: dict, params: dict | None = None) -> dict[str, dict]:
             axes = {k: lookup(v[2:-1]) if isinstance(v, str) else v for k, v in stage["matrix"].items()}
             body = {k: v for k, v in stage.items() if k != "matrix"}
             for combo in itertools.product(*axes.values()):
-                out[f"{name}@{'-'.join(map(str, combo))}"] = resolve(body, {f"item.{k}": v for k, v in zip(axes, combo)})
+                items = {f"item.{k}": v for k, v in zip(axes, combo)}
+                out[f"{name}@{'-'.join(map(str, combo))}"] = resolve(body, items)
         else:
             out[name] = resolve(stage, {})
     return out

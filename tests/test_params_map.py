@@ -215,7 +215,8 @@ def test_dvc_status_reruns_exactly_the_row(status_ws, key):
     finally:
         params.write_bytes(original)
     if key == "train.seeds":  # the demo trains seed 110: a second seed adds its runs, the others stay cached
-        assert reported == {"report", *(f"{s}-{m}@111" for s in ("train", "generate", "score") for m in ("lora", "full"))}
+        runs = {f"{stage}-{method}@111" for stage in ("train", "generate", "score") for method in ("lora", "full")}
+        assert reported == {"report", *runs}
     else:
         assert {group(s) for s in reported} == stages
 

@@ -169,7 +169,7 @@ def test_bad_params_name_the_parameter(params_file, raw_dir, tmp_path, key, valu
 def test_max_length_beyond_the_models_positions_is_refused_before_any_work(params_file, raw_dir, tmp_path):
     """A model cannot train or decode past its n_positions: said in preprocess, naming both, not later in train."""
     params_file(preprocess__max_length=512)
-    with pytest.raises(ParamError, match=r"preprocess.max_length=512 > the base model's 128 positions \(.*config.json\)"):
+    with pytest.raises(ParamError, match=r"preprocess.max_length=512 > the base model's 128 positions \(.*json\)"):
         run(raw_dir, tmp_path, n_positions=128)
     assert not (tmp_path / "prepared").exists()
 

@@ -18,8 +18,9 @@ import yaml
 from conftest import make_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
-# The hook makes optimizer step HANG_AT_STEP of the run (the authors' AdamW, the recipe's) hang, after saying so in the file HANG_MARK: the test then
-# kills the run, with the checkpoints written before that step on disk. No sleeps in the test: it waits for files.
+# The hook makes optimizer step HANG_AT_STEP of the run (the authors' AdamW, the recipe's) hang, after saying so
+# in the file HANG_MARK: the test then kills the run, with the checkpoints written before that step on disk. No
+# sleeps in the test: it waits for files.
 HANG = ("import os, time\n"
         "if os.environ.get('HANG_AT_STEP'):\n"
         "    from stages.lib.optim import AuthorsAdamW\n"

@@ -199,7 +199,8 @@ def test_cli_warns_on_empty_predictions_merges_extra_and_writes_atomically(tmp_p
                                            "train_seconds": 12.5, "mode": "perl", "units": "fraction"}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     extra.write_text('{"bleu": 1}', encoding="utf-8")
-    assert cli.run("score", score_cli.main, ["--refs", str(refs), "--predictions", str(pred), "--extra", str(extra)]) == 2
+    assert cli.run("score", score_cli.main,
+                   ["--refs", str(refs), "--predictions", str(pred), "--extra", str(extra)]) == 2
     assert "collide" in capsys.readouterr().err
 
 

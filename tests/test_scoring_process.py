@@ -333,8 +333,9 @@ def test_auto_mode_scores_as_the_protocol_does(tmp_path, protocol, mode, capsys)
     refs, pred = tmp_path / "refs.txt", tmp_path / "pred.txt"
     refs.write_text("the eagle is a cheap pub\nthe eagle pub is cheap\n\nzizzi serves french food\n")
     pred.write_text("the eagle is a cheap pub near the river\nzizzi serves food\n")
-    assert stage_cli.run("score", score_cli.main, ["--mode", "auto", "--protocol", protocol, "--refs", str(refs), "--predictions",
-                             str(pred), "--output", str(tmp_path / "out.json")]) == 0
+    args = ["--mode", "auto", "--protocol", protocol, "--refs", str(refs), "--predictions", str(pred),
+            "--output", str(tmp_path / "out.json")]
+    assert stage_cli.run("score", score_cli.main, args) == 0
     out = json.loads((tmp_path / "out.json").read_text())
     direct = scoring.score([["the eagle is a cheap pub", "the eagle pub is cheap"], ["zizzi serves french food"]],
                            ["the eagle is a cheap pub near the river", "zizzi serves food"], mode=mode)

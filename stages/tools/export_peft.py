@@ -142,7 +142,8 @@ def export(adapter: Path, base: Path, out: Path, verify: bool = True, rtol: floa
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--adapter", type=Path, required=True, help="our adapter (train-lora's models/lora-s<seed>/adapter.safetensors)")
+    ap.add_argument("--adapter", type=Path, required=True,
+                    help="our adapter (train-lora's models/lora-s<seed>/adapter.safetensors)")
     ap.add_argument("--base", type=Path, required=True, help="the base model directory it was trained on")
     ap.add_argument("--out", type=Path, required=True, help="directory for the PEFT checkpoint")
     ap.add_argument("--no-verify", action="store_true",
