@@ -93,3 +93,14 @@ def test_bad_param_fails_the_stage_with_its_name_and_keeps_outputs_whole(demo_co
     assert proc.returncode != 0
     assert "lora.rank must be >= 1, got 0" in proc.stdout + proc.stderr
     assert not list((demo_copy / "models").glob(".lora*"))  # no temporary leftovers beside the output
+
+
+def test_a_duplicated_seed_stops_the_report_with_one_line_and_keeps_the_last_one(demo_copy):
+    """DVC merges `[110, 110]` into one seed's runs; the report, the one stage that reads the list, refuses it by
+    name, and the report it wrote last stays whole (its outputs persist): nothing is left half-written or deleted."""
+    before = (demo_copy / "metrics" / "report.md").read_bytes()
+    proc = run(["dvc", "exp", "run", "-S", "train.seeds=[110,110]"], cwd=demo_copy, check=False)
+    assert proc.returncode != 0
+    assert "report: error: train.seeds: duplicates in [110, 110]: each must appear once" in proc.stdout + proc.stderr
+    assert stages_run(proc.stdout + proc.stderr) == {"report"}
+    assert (demo_copy / "metrics" / "report.md").read_bytes() == before
