@@ -28,7 +28,7 @@ from transformers.integrations import DVCLiveCallback
 from stages.lib import checkpoints, cli, code, gpt2, li_liang, lora, optim, speed
 from stages.lib import params as P
 from stages.lib import runtime
-from stages.lib.cli import InputError, RunError
+from stages.lib.cli import RunError
 from stages.lib.outputs import atomic_dir, check_writable, exclusive, write_json
 
 # Trainer log fields that are wall-clock measurements: kept out of the DVC-tracked log history.

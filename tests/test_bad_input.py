@@ -6,7 +6,6 @@ the parameter, file or line (no traceback), and no partial output left where the
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import re
 import os
@@ -20,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import TOKENIZER, make_workspace, set_key, write_csv
+from conftest import make_workspace, set_key, write_csv
 from stages.lib import cli
 from stages import preprocess
 

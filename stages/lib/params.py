@@ -131,7 +131,7 @@ class Section(BaseModel):
 
 def overrides_of(model: type[Section]) -> type[Section]:
     """The same keys, each optional: what a method may set for itself over its recipe's (`full.train`)."""
-    fields = {name: (Optional[Annotated[f.annotation, *f.metadata] if f.metadata else f.annotation], None)
+    fields = {name: (Optional[Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation], None)
               for name, f in model.model_fields.items()}
     return create_model(f"{model.__name__}Overrides", __base__=Section, **fields)
 
