@@ -63,24 +63,14 @@ def load(path: str | Path = "params.yaml") -> dict:
 
 # --- value types --------------------------------------------------------------------------------------------------
 
-def _ids(what: str):
-    """A non-empty list of distinct integers >= 0: seeds (a duplicate would count twice in a mean), token ids."""
+def _ids(what: str, empty_ok: bool = False):
+    """A list of distinct integers >= 0 (non-empty unless `empty_ok`): seeds (a duplicate would count twice in a
+    mean), token ids."""
     def check(value):
-        if not (isinstance(value, list) and value
+        if not (isinstance(value, list) and (value or empty_ok)
                 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
-            raise ValueError(f"must be a non-empty list of {what} (integers >= 0), got {value!r}")
-        if len(set(value)) != len(value):
-            raise ValueError(f"duplicates in {value}: each must appear once")
-        return value
-    return Annotated[list[int], PlainValidator(check)]
-
-
-def _banned_ids():
-    """Distinct token ids, possibly none."""
-    def check(value):
-        if not (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                                                for v in value)):
-            raise ValueError(f"must be a list of token ids (integers >= 0), got {value!r}")
+            raise ValueError(f"must be a {'' if empty_ok else 'non-empty '}list of {what} (integers >= 0), "
+                             f"got {value!r}")
         if len(set(value)) != len(value):
             raise ValueError(f"duplicates in {value}: each must appear once")
         return value
@@ -177,7 +167,7 @@ class Decode(Section):
     no_repeat_ngram_size: NonNegInt
     max_new_tokens: Annotated[int, Field(ge=1)]
     early_stopping: _choice(True, False, "never")
-    banned_ids: _banned_ids()
+    banned_ids: _ids("token ids", empty_ok=True)
 
     @model_validator(mode="after")
     def _what_each_search_can_do(self):
