@@ -94,20 +94,26 @@ def kill_at(ws: Path, name: str, step: int) -> Path:
     return ws / "checkpoints" / name
 
 
+def rerun_with(ws: Path, name: str, section: str, key: str, value) -> subprocess.CompletedProcess:
+    """Run `name` again with params.yaml's `section.key` set to `value` for that run only."""
+    path = ws / "params.yaml"
+    original = path.read_bytes()
+    params = yaml.safe_load(original)
+    params[section][key] = value
+    path.write_text(yaml.safe_dump(params))
+    try:
+        return subprocess.run(command(name), cwd=ws, env=env(), capture_output=True, text=True, timeout=600)
+    finally:
+        path.write_bytes(original)
+
+
 def test_killed_run_resumes_to_the_same_bytes(ws, uninterrupted):
     """Killed at step 7 (checkpoint-4 on disk, steps 5 and 6 already logged to DVCLive) and rerun with another
     runtime key (a loader worker: it changes no number, so it is not in the fingerprint): it resumes, and every
     file ends as an uninterrupted run's."""
     checkpoints = kill_at(ws, "killed", step=7)
     assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-4"]
-    params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["runtime"]["dataloader_workers"] = 1
-    (ws / "params.yaml").write_text(yaml.safe_dump(params))
-    try:
-        proc = subprocess.run(command("killed"), cwd=ws, env=env(), capture_output=True, text=True, timeout=600)
-    finally:
-        params["runtime"]["dataloader_workers"] = 0
-        (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = rerun_with(ws, "killed", "runtime", "dataloader_workers", 1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from checkpoints/killed/checkpoint-4" in proc.stderr
     assert tracked(ws, "killed") == uninterrupted  # adapter, train_info, loss history, DVCLive: bit for bit
@@ -116,14 +122,7 @@ def test_killed_run_resumes_to_the_same_bytes(ws, uninterrupted):
 
 def test_a_checkpoint_from_other_params_is_discarded_not_resumed(ws, uninterrupted):
     kill_at(ws, "changed", step=7)
-    params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["lora"]["lr"] = 0.01
-    (ws / "params.yaml").write_text(yaml.safe_dump(params))
-    try:
-        proc = subprocess.run(command("changed"), cwd=ws, env=env(), capture_output=True, text=True, timeout=600)
-    finally:
-        params["lora"]["lr"] = 0.05
-        (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = rerun_with(ws, "changed", "lora", "lr", 0.01)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "discarding checkpoints in checkpoints/changed: written by a run with other params" in proc.stderr
     assert "resuming" not in proc.stderr

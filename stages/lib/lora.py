@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 from transformers.pytorch_utils import Conv1D
 
-from stages.lib.params import TARGETS  # canonical order; q, k, v live in attn.c_attn, o is attn.c_proj
+from stages.lib.params import TARGETS, check_targets  # canonical order; q, k, v in attn.c_attn, o attn.c_proj
 
 FORMAT = "lora-e2e-adapter"
 FORMAT_VERSION = "2"  # 2: all metadata as sorted JSON under META_KEY (byte-identical files)
@@ -116,14 +116,10 @@ def check_args(rank, alpha, dropout, targets) -> tuple[str, ...]:
     if isinstance(targets, str) or not isinstance(targets, (tuple, list, set, frozenset)) \
             or not all(isinstance(t, str) for t in targets):
         raise TypeError(f"targets: expected a tuple of names from {TARGETS}, got {targets!r}")
-    targets = tuple(targets)
-    if not targets:
-        raise ValueError(f"targets: empty; choose from {TARGETS}")
-    unknown = [t for t in targets if t not in TARGETS]
-    if unknown:
-        raise ValueError(f"targets: unknown {unknown}; choose from {TARGETS}")
-    if len(set(targets)) != len(targets):
-        raise ValueError(f"targets: duplicates in {targets}")
+    try:
+        targets = tuple(check_targets(list(targets)))  # the rule params.yaml's lora.targets obeys too
+    except ValueError as e:
+        raise ValueError(f"targets: {e}") from None
     return tuple(t for t in TARGETS if t in targets)
 
 

@@ -102,7 +102,7 @@ Path_ = Annotated[str, AfterValidator(_not_empty)]
 TARGETS = ("q", "k", "v", "o")
 
 
-def _lora_targets(targets: list[str]) -> list[str]:
+def check_targets(targets: list[str]) -> list[str]:
     """A non-empty list of distinct TARGETS (stages/lib/lora.py takes them in any order)."""
     if not targets:
         raise ValueError(f"empty; choose from {TARGETS}")
@@ -207,7 +207,7 @@ class Lora(Method):
     rank: Annotated[int, Field(ge=1)]
     alpha: Positive
     dropout: Probability
-    targets: Annotated[list[str], AfterValidator(_lora_targets)]
+    targets: Annotated[list[str], AfterValidator(check_targets)]
 
 
 class Full(Method):
