@@ -155,3 +155,46 @@ def demo_copy(demo_workspace, tmp_path) -> Path:
     copy = tmp_path / "demo"
     shutil.copytree(demo_workspace[0], copy, symlinks=True)
     return copy
+
+
+# --- tiny GPT-2s for the beam searches' tests (test_beam.py, test_li_liang_beam.py) -------------------------------
+
+def peaked_gpt2(vocab: int, init_std: float, boosts: dict[int, float]):
+    """A tiny random GPT-2 in float64 (so cache vs no-cache rounding cannot flip a ranking), its next-token
+    distributions peaked by init std `init_std`, each token in `boosts` made likely by raising its logit by about
+    boosts[token]."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=128, initializer_range=init_std,
+                     bos_token_id=0, eos_token_id=0)
+    m = GPT2LMHeadModel(cfg).double().eval()
+    with torch.no_grad():                       # logits = ln_f(h) . wte, so ln_f's bias along wte[token] lifts it
+        for token, by in boosts.items():
+            w = m.transformer.wte.weight[token]
+            m.transformer.ln_f.bias += by * w / w.dot(w)
+    return m
+
+
+def float32_copy(model):
+    """The same model in fp32 (the authors' dtype, and Li & Liang's)."""
+    from transformers import GPT2LMHeadModel
+
+    m = GPT2LMHeadModel(model.config)
+    m.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    return m.eval()
+
+
+def nan_logits_copy(model):
+    """The same model with one NaN in ln_f's bias, so every logit of every step is NaN."""
+    import math
+
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    broken = GPT2LMHeadModel(model.config).double().eval()
+    broken.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        broken.transformer.ln_f.bias[0] = math.nan
+    return broken

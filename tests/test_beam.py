@@ -16,8 +16,8 @@ import math
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
+from conftest import float32_copy, nan_logits_copy, peaked_gpt2
 from stages.lib.beam import authors_beam_search
 from stages.lib.decoding import ban_repeated_ngrams
 
@@ -28,17 +28,9 @@ STEPS = 14
 
 @pytest.fixture(scope="module")
 def model():
-    """A tiny random GPT-2 in float64 (so cache vs no-cache rounding cannot flip a ranking), with peaked
-    next-token distributions (init std 0.3) and the EOS ids made likely enough to finish beams mid-search."""
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=128, initializer_range=0.3,
-                     bos_token_id=0, eos_token_id=0)
-    m = GPT2LMHeadModel(cfg).double().eval()
-    with torch.no_grad():                       # logits = ln_f(h) . wte: raise each EOS logit by about 1.4
-        for e in EOS:
-            w = m.transformer.wte.weight[e]
-            m.transformer.ln_f.bias += 1.4 * w / w.dot(w)
-    return m
+    """A tiny peaked GPT-2 (conftest.peaked_gpt2, init std 0.3) with the EOS ids made likely enough to finish
+    beams mid-search."""
+    return peaked_gpt2(VOCAB, 0.3, {e: 1.4 for e in EOS})
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +156,7 @@ def test_matches_reference(model, contexts, reference, case, batch_size):
 
 def test_float32_batched_equals_unbatched(model, contexts):
     """In fp32 (the authors' dtype) padding must not change the outputs either."""
-    m = GPT2LMHeadModel(model.config)
-    m.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
-    m.eval()
+    m = float32_copy(model)
     kw = dict(num_beams=4, length_penalty=0.8, no_repeat_ngram_size=4, max_new_tokens=STEPS, eos_ids=EOS)
     assert authors_beam_search(m, contexts, batch_size=5, **kw) == authors_beam_search(m, contexts, batch_size=1, **kw)
 
@@ -199,10 +189,6 @@ def test_bad_arguments(model):
 
 
 def test_nan_logits_fail_loudly(model):
-    broken = GPT2LMHeadModel(model.config).double().eval()
-    broken.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        broken.transformer.ln_f.bias[0] = math.nan
     with pytest.raises(ValueError, match="NaN"):
-        authors_beam_search(broken, [[1, 2]], num_beams=2, length_penalty=1.0, no_repeat_ngram_size=0,
+        authors_beam_search(nan_logits_copy(model), [[1, 2]], num_beams=2, length_penalty=1.0, no_repeat_ngram_size=0,
                             max_new_tokens=3, eos_ids=EOS, batch_size=1)

@@ -20,9 +20,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import TOKENIZER
+from conftest import TOKENIZER, float32_copy, nan_logits_copy, peaked_gpt2
 from stages.lib.li_liang_beam import RUN_GENERATION, clean_up_tokenization, li_liang_beam_search, run_generation_text
 
 VOCAB = 64
@@ -32,19 +31,11 @@ BANNED = (7, 9)          # stand-ins for their bad words 628 ("\n\n") and 198 ("
 
 @pytest.fixture(scope="module")
 def model():
-    """A tiny random GPT-2 in float64 (cache vs no-cache rounding cannot flip a ranking), init std 0.2; the EOS
-    is made likely enough that most searches finish several hypotheses and many stop before max_length, and the
-    banned ids likely enough that banning them before or after the softmax changes the scores. (Model seed, init
-    std and boosts were chosen so that every variant below changes some output.)"""
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=128, initializer_range=0.2,
-                     bos_token_id=0, eos_token_id=0)
-    m = GPT2LMHeadModel(cfg).double().eval()
-    with torch.no_grad():                       # logits = ln_f(h) . wte: raise a token's logit by about `by`
-        for token, by in ((EOS, 3.0), (BANNED[0], 1.5), (BANNED[1], 1.5)):
-            w = m.transformer.wte.weight[token]
-            m.transformer.ln_f.bias += by * w / w.dot(w)
-    return m
+    """A tiny peaked GPT-2 (conftest.peaked_gpt2, init std 0.2); the EOS is made likely enough that most searches
+    finish several hypotheses and many stop before max_length, and the banned ids likely enough that banning them
+    before or after the softmax changes the scores. (Model seed, init std and boosts were chosen so that every
+    variant below changes some output.)"""
+    return peaked_gpt2(VOCAB, 0.2, {EOS: 3.0, BANNED[0]: 1.5, BANNED[1]: 1.5})
 
 
 @pytest.fixture(scope="module")
@@ -236,9 +227,7 @@ def test_early_stopping_true_matches_reference(model, contexts):
 
 def test_float32_batched_equals_unbatched(model, contexts):
     """In fp32 (their dtype) padding and batching must not change the outputs either."""
-    m = GPT2LMHeadModel(model.config)
-    m.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
-    m.eval()
+    m = float32_copy(model)
     kw = dict(num_beams=5, max_new_tokens=24, length_penalty=1.0, banned_ids=BANNED, eos_id=EOS)
     assert li_liang_beam_search(m, contexts, batch_size=5, **kw) == li_liang_beam_search(m, contexts, batch_size=1,
                                                                                          **kw)
@@ -274,12 +263,8 @@ def test_bad_arguments(model):
 
 
 def test_nan_logits_fail_loudly(model):
-    broken = GPT2LMHeadModel(model.config).double().eval()
-    broken.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        broken.transformer.ln_f.bias[0] = math.nan
     with pytest.raises(ValueError, match="NaN"):
-        li_liang_beam_search(broken, [[1, 2]], num_beams=2, max_new_tokens=3, length_penalty=1.0, banned_ids=(),
+        li_liang_beam_search(nan_logits_copy(model), [[1, 2]], num_beams=2, max_new_tokens=3, length_penalty=1.0, banned_ids=(),
                              eos_id=EOS, batch_size=1)
 
 
