@@ -34,6 +34,7 @@ from stages.lib.outputs import atomic_dir, check_writable, exclusive, write_json
 # Trainer log fields that are wall-clock measurements: kept out of the DVC-tracked log history.
 TIMING_SUFFIXES = ("_runtime", "_per_second")
 LOG_EVERY = 0.02  # a log line, and the loss in log_history.json, every 2% of the run's steps
+RAISED_AT = "LORA_E2E_RAISED_AT"  # launch's folder where each failing worker writes when it raised
 
 
 def config(p: P.Params, method: str) -> dict:
@@ -230,20 +231,36 @@ def launch(processes: int, argv: list[str]) -> int:
     """Run this stage in `processes` worker processes under torch's elastic launcher (what `torchrun` runs).
 
     The Trainer then shards the data (NCCL on GPUs, gloo on CPU); rank 0 alone writes. If one worker fails, the
-    launcher stops the others (no rank is left waiting in a collective) and names the first failure.
+    launcher stops the others (no rank is left waiting in a collective) and this names the rank whose exception was
+    raised first (`fit_worker`). The launcher's own choice is the first exit it saw, in whole seconds, rank 0 on a tie:
+    often a rank whose error is only the lost connection to the one that failed.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={processes}", "--monitor-interval=0.5",
                                          "--module", "stages.train", *argv])
-    try:
-        run(args)
-    except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        raise RunError(f"rank {rank} of {processes} exited with status {failure.exitcode} (its error is above); "
-                       "the other ranks were stopped") from None
+    with tempfile.TemporaryDirectory() as raised:
+        os.environ[RAISED_AT] = raised  # the workers inherit it
+        try:
+            run(args)
+        except ChildFailedError as e:
+            at = {int(f.name): float(f.read_text()) for f in Path(raised).iterdir()}
+            rank = min(at, key=at.get) if at else e.get_first_failure()[0]  # none raised: killed, by a signal or OOM
+            raise RunError(f"rank {rank} of {processes} failed first (its error is above); the other ranks were "
+                           "stopped") from None
+        finally:
+            del os.environ[RAISED_AT]
     return 0
+
+
+def fit_worker(args, p: P.Params, cfg: dict) -> int:
+    """`fit` in one of `launch`'s workers: when it raises, the time goes to the launcher's folder (name: the rank)."""
+    try:
+        return fit(args, p, cfg)
+    except BaseException:
+        Path(os.environ[RAISED_AT], os.environ["RANK"]).write_text(repr(time.time()))
+        raise
 
 
 def replay(callback: DVCLiveCallback, history: list[dict]) -> None:
@@ -276,7 +293,7 @@ def main(argv=None) -> int:
     with exclusive(args.out, args.checkpoints, args.live):
         if cfg["processes"] > 1 and "LOCAL_RANK" not in os.environ:  # the launcher sets LOCAL_RANK in each worker
             return launch(cfg["processes"], list(sys.argv[1:] if argv is None else argv))
-        return fit(args, p, cfg)
+        return fit_worker(args, p, cfg) if RAISED_AT in os.environ else fit(args, p, cfg)
 
 
 def fit(args, p: P.Params, cfg: dict) -> int:

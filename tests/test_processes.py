@@ -74,19 +74,25 @@ def test_generate_and_score_run_on_its_adapter(trained):
     assert all(math.isfinite(scores[k]) for k in ("bleu", "nist", "meteor", "rouge_l", "cider"))
 
 
-def test_a_crash_on_rank_one_fails_the_stage_within_seconds(ws, tmp_path):
-    """rank 1 raises at its second optimizer step; rank 0 must not wait for it forever in an all-reduce."""
+def test_a_crash_on_rank_one_fails_the_stage_within_seconds_naming_it(ws, tmp_path):
+    """rank 1 raises at its second optimizer step but exits last (2 s of clean-up); rank 0 fails 0.5 s after it and
+    exits first. The stage must not hang in an all-reduce, and must name rank 1, whose error came first (the launcher
+    alone names the first exit it saw: rank 0)."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
-        "import os\n"
-        "if os.environ.get('RANK') == '1':\n"
+        "import atexit, os, time\n"
+        "if 'RANK' in os.environ:\n"
         "    from stages.lib.optim import AuthorsAdamW\n"
         "    step, calls = AuthorsAdamW.step, []\n"
         "    def failing(self, *a, **k):\n"
         "        calls.append(1)\n"
-        "        if len(calls) == 2:\n"
+        "        if len(calls) == 2 and os.environ['RANK'] == '1':\n"
+        "            atexit.register(time.sleep, 2)\n"
         "            raise RuntimeError('injected failure on rank 1')\n"
+        "        if len(calls) == 2:\n"
+        "            time.sleep(0.5)\n"
+        "            raise RuntimeError('later failure on rank 0')\n"
         "        return step(self, *a, **k)\n"
         "    AuthorsAdamW.step = failing\n")
     start = time.monotonic()
@@ -95,6 +101,6 @@ def test_a_crash_on_rank_one_fails_the_stage_within_seconds(ws, tmp_path):
     elapsed = time.monotonic() - start
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "injected failure on rank 1" in proc.stderr
-    assert "train: failed: rank 1 of 2 exited" in proc.stderr
+    assert "train: failed: rank 1 of 2 failed first" in proc.stderr
     assert not (ws / "models/crashed").exists()
     assert elapsed < 120  # seconds of start-up and a step, not a hang until a collective times out (30 min)
