@@ -23,8 +23,11 @@ venv: $(VENV)/.installed
 demo: venv
 	bash scripts/demo.sh
 
+# pytest-xdist: a test module per worker process (its module fixtures built once), one thread each (conftest);
+# TEST_WORKERS=0 runs the suite in this one process. Random order (pytest-randomly) either way.
+TEST_WORKERS ?= 2
 test: venv
-	$(BIN)/python -m pytest --durations=15
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 bench: venv
 	$(BIN)/python benchmarks/bench_lora.py

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import copy
 import csv
+import os
 from pathlib import Path
 
 import pytest
 import yaml
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: N workers, one thread each, not one per core each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "data" / "gpt2" / "tokenizer.json"
@@ -141,10 +145,19 @@ def run(cmd, cwd, check=True, **env):
 
 @pytest.fixture(scope="session")
 def demo_workspace(tmp_path_factory) -> tuple[Path, str]:
-    """scripts/demo.sh run once (TINY_DEMO): a git + DVC workspace where the whole pipeline ran and was committed,
-    and what the script printed. Read it only; a test that changes a workspace takes `demo_copy`."""
-    ws = tmp_path_factory.mktemp("pipeline") / "demo"
-    return ws, run(["bash", str(ROOT / "scripts" / "demo.sh"), str(ws)], cwd=ROOT, **TINY_DEMO)
+    """scripts/demo.sh run once per test run (TINY_DEMO): a git + DVC workspace where the whole pipeline ran and was
+    committed, and what the script printed. Read it only; a test that changes a workspace takes `demo_copy`."""
+    from filelock import FileLock
+
+    # xdist's workers share their base temp's parent: the first to get the lock builds, the others read its result.
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    ws, printed = root / "pipeline" / "demo", root / "pipeline" / "demo.out"
+    with FileLock(str(root / "pipeline.lock")):
+        if not printed.exists():
+            out = run(["bash", str(ROOT / "scripts" / "demo.sh"), str(ws)], cwd=ROOT, **TINY_DEMO)
+            printed.write_text(out, encoding="utf-8")
+    return ws, printed.read_text(encoding="utf-8")
 
 
 @pytest.fixture
