@@ -9,6 +9,7 @@ without timings) and `--costs` (a metrics file of times, throughput and memory, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -245,7 +246,7 @@ def launch(processes: int, argv: list[str]) -> int:
         try:
             run(args)
         except ChildFailedError as e:
-            at = {int(f.name): float(f.read_text()) for f in Path(raised).iterdir()}
+            at = {int(f.name): float(f.read_text()) for f in Path(raised).iterdir() if f.suffix != ".part"}
             rank = min(at, key=at.get) if at else e.get_first_failure()[0]  # none raised: killed, by a signal or OOM
             raise RunError(f"rank {rank} of {processes} failed first (its error is above); the other ranks were "
                            "stopped") from None
@@ -259,7 +260,10 @@ def fit_worker(args, p: P.Params, cfg: dict) -> int:
     try:
         return fit(args, p, cfg)
     except BaseException:
-        Path(os.environ[RAISED_AT], os.environ["RANK"]).write_text(repr(time.time()))
+        stamp = Path(os.environ[RAISED_AT], os.environ["RANK"])
+        with contextlib.suppress(OSError):  # the error to report is the one being raised
+            stamp.with_suffix(".part").write_text(repr(time.time()))
+            stamp.with_suffix(".part").replace(stamp)  # whole, even if the launcher's SIGTERM comes mid-write
         raise
 
 
