@@ -35,7 +35,7 @@ from stages.lib.outputs import atomic_dir, check_writable, exclusive, write_json
 # Trainer log fields that are wall-clock measurements: kept out of the DVC-tracked log history.
 TIMING_SUFFIXES = ("_runtime", "_per_second")
 LOG_EVERY = 0.02  # a log line, and the loss in log_history.json, every 2% of the run's steps
-RAISED_AT = "LORA_E2E_RAISED_AT"  # launch's folder where each failing worker writes when it raised
+RAISED_AT = "LORA_E2E_RAISED_AT"  # launch's folder where each failing worker names when it raised
 
 
 def config(p: P.Params, method: str) -> dict:
@@ -246,7 +246,7 @@ def launch(processes: int, argv: list[str]) -> int:
         try:
             run(args)
         except ChildFailedError as e:
-            at = {int(f.name): float(f.read_text()) for f in Path(raised).iterdir() if f.suffix != ".part"}
+            at = dict((int(r), float(t)) for r, t in (f.name.split("_") for f in Path(raised).iterdir()))
             rank = min(at, key=at.get) if at else e.get_first_failure()[0]  # none raised: killed, by a signal or OOM
             raise RunError(f"rank {rank} of {processes} failed first (its error is above); the other ranks were "
                            "stopped") from None
@@ -256,14 +256,12 @@ def launch(processes: int, argv: list[str]) -> int:
 
 
 def fit_worker(args, p: P.Params, cfg: dict) -> int:
-    """`fit` in one of `launch`'s workers: when it raises, the time goes to the launcher's folder (name: the rank)."""
+    """`fit` in one of `launch`'s workers: when it raises, it says when in the launcher's folder (`<rank>_<time>`)."""
     try:
         return fit(args, p, cfg)
     except BaseException:
-        stamp = Path(os.environ[RAISED_AT], os.environ["RANK"])
         with contextlib.suppress(OSError):  # the error to report is the one being raised
-            stamp.with_suffix(".part").write_text(repr(time.time()))
-            stamp.with_suffix(".part").replace(stamp)  # whole, even if the launcher's SIGTERM comes mid-write
+            Path(os.environ[RAISED_AT], f"{os.environ['RANK']}_{time.time()!r}").touch()  # a name: never half-written
         raise
 
 
