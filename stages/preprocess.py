@@ -25,9 +25,6 @@ from stages.lib.outputs import atomic_dir, check_writable, exclusive
 from stages.lib.protocols import PROTOCOLS
 
 
-LAYOUTS = ("paper", "equals", "li-liang")
-
-
 def config(p: P.Params) -> dict:
     return {"protocol": p.protocol, "max_length": p.preprocess.max_length}
 
@@ -111,7 +108,7 @@ def main(argv=None) -> int:
     refs = refs_text(groups, paths["test"])
     mrs = [mr for mr, _ in groups]
     encoded = {}
-    for layout in LAYOUTS:
+    for layout in P.LAYOUTS:  # every one a recipe may name: a recipe switch reruns no preprocess
         for split in ("train", "validation"):
             rows = unstripped[split] if layout == "li-liang" else splits[split]
             encoded[layout, split] = encode_split(rows, tok, layout)
@@ -128,7 +125,7 @@ def main(argv=None) -> int:
         (out / "test-refs.txt").write_text(refs, encoding="utf-8")
     n = {split: len(encoded["paper", split]) for split in ("train", "validation", "test")}
     print(f"preprocess: protocol={protocol.name}, {n['train']} train / {n['validation']} validation examples, "
-          f"{n['test']} test MRs ({len(splits['test'])} references), layouts {', '.join(LAYOUTS)} -> {args.out}",
+          f"{n['test']} test MRs ({len(splits['test'])} references), layouts {', '.join(P.LAYOUTS)} -> {args.out}",
           file=sys.stderr)
     return 0
 

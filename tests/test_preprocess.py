@@ -9,6 +9,7 @@ import pytest
 
 from conftest import TOKENIZER, write_csv
 from stages.lib import authors_data
+from stages.lib import params as P
 from stages import preprocess
 from stages.lib.e2e import DataError, group_by_mr, read_e2e_csv
 from stages.lib.gpt2 import EOS, collate, load_tokenizer
@@ -179,6 +180,6 @@ def test_every_layout_holds_the_same_rows_mrs_and_order(params_file, raw_dir, tm
     out = run(raw_dir, tmp_path)
     assert sorted(p.name for p in out.iterdir()) == ["equals", "li-liang", "paper", "test-refs.txt"]
     for split in ("train", "validation", "test"):
-        sizes = {layout: len(read(out / layout / split)) for layout in preprocess.LAYOUTS}
+        sizes = {layout: len(read(out / layout / split)) for layout in P.LAYOUTS}
         assert len(set(sizes.values())) == 1, (split, sizes)
     assert read(out / "li-liang" / "test")[0]["mr"] == read(out / "paper" / "test")[0]["mr"]

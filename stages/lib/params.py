@@ -100,6 +100,7 @@ Path_ = Annotated[str, AfterValidator(_not_empty)]
 
 # LoRA's possible targets, in canonical order: q, k, v (slices of the fused c_attn) and o (attn.c_proj), Table 5.
 TARGETS = ("q", "k", "v", "o")
+LAYOUTS = ("paper", "equals", "li-liang")  # the input layouts preprocess writes and a recipe picks from
 
 
 def check_targets(targets: list[str]) -> list[str]:
@@ -189,7 +190,7 @@ LoopOverrides, DecodeOverrides = overrides_of(Loop), overrides_of(Decode)
 class Recipe(Section):
     """How a method's runs are trained and decoded: `authors` (the LoRA authors', Table 11) or `li_liang` (Li &
     Liang's fine-tuning as their code ran it); a method names its recipe in `<method>.recipe`."""
-    layout: Literal["paper", "equals", "li-liang"]
+    layout: Literal[LAYOUTS]
     pad_token: bool
     train: Loop
     generate: Decode
